@@ -1,0 +1,66 @@
+"""Squeeze-and-Excitation."""
+import torch
+import torch.nn as nn
+from mmcv.cnn import build_activation_layer
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+
+from ._common import fp32_region, reduced_channels
+
+
+@MODELS.register_module()
+class SqueezeExcitation(BaseModule):
+    """Squeeze-and-Excitation (SE) channel gate.
+
+    Paper: "Squeeze-and-Excitation Networks", https://arxiv.org/abs/1709.01507.
+
+    y = gate(fc2(act(fc1(avgpool(x))))), out = x * y. The two fully connected
+    layers are ``nn.Linear`` named ``fc.0`` and ``fc.2``, as in PytorchInsight
+    (the SGE paper's comparison code), so its SE-ResNet checkpoints load with
+    the same keys (``se.fc.0.weight`` ...). The spatial mean is taken in fp32
+    under autocast; the output has the input's dtype.
+
+    Placement in the paper: after the last conv + BN of every residual block,
+    before the identity is added (mmdet ResNet: ``position='after_conv3'``).
+
+    Args:
+        in_channels (int): Channels C of the input.
+        rd_ratio (float): Hidden width as a fraction of C. Defaults to 1 / 16.
+        act_cfg (dict): Activation between the two layers.
+            Defaults to ``dict(type='ReLU')``.
+        gate_cfg (dict): Gate activation. Defaults to ``dict(type='Sigmoid')``.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+
+    Shape:
+        (N, C, H, W) in, (N, C, H, W) out.
+    """
+
+    _abbr_ = 'se'
+
+    def __init__(self,
+                 in_channels: int,
+                 rd_ratio: float = 1 / 16,
+                 act_cfg: dict = dict(type='ReLU'),
+                 gate_cfg: dict = dict(type='Sigmoid'),
+                 init_cfg: dict | None = None) -> None:
+        super().__init__(init_cfg)
+        hidden = reduced_channels(self, in_channels, rd_ratio)
+        self.in_channels = in_channels
+        self.fc = nn.Sequential(
+            nn.Linear(in_channels, hidden),
+            build_activation_layer(act_cfg),
+            nn.Linear(hidden, in_channels))
+        self.gate = build_activation_layer(gate_cfg)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.init_cfg is None:
+            # PyTorch's default Linear init, as the reference code uses.
+            for layer in (self.fc[0], self.fc[2]):
+                layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fp32_region(x):
+            squeezed = x.mean(dim=(2, 3), dtype=torch.float32)
+        scale = self.gate(self.fc(squeezed)).to(x.dtype)
+        return x * scale[:, :, None, None]
