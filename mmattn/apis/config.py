@@ -1,0 +1,16 @@
+"""Loading a config the way every mmattn tool does."""
+from __future__ import annotations
+
+from mmengine.config import Config
+
+from mmattn.preflight import follow_data_root
+
+
+def load_config(path: str, cfg_options: dict | None = None) -> Config:
+    """Read ``path``, merge ``cfg_options`` and let the data paths follow ``data_root``."""
+    cfg = Config.fromfile(path)
+    original_root = cfg.get('data_root')
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    follow_data_root(cfg, original_root)
+    return cfg

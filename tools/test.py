@@ -1,0 +1,43 @@
+"""Evaluate a checkpoint and print COCO box AP, AP50, AP75, AP_S, AP_M, AP_L."""
+import argparse
+import os
+
+from mmengine.config import DictAction
+from mmengine.dist import is_main_process
+
+import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
+from mmattn.apis import test
+from mmattn.evaluation import COCO_BBOX_COLUMNS, coco_bbox_ap, markdown_table
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where the evaluation logs go')
+    parser.add_argument('--out', help='dump the raw detections to this .pkl file')
+    parser.add_argument('--show-dir', help='save drawn predictions under work_dir/<time>/SHOW_DIR')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config keys, e.g. data_root=/data/coco/')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out,
+                   show_dir=args.show_dir, tta=args.tta, cfg_options=args.cfg_options,
+                   launcher=args.launcher)
+    if is_main_process():
+        ap = coco_bbox_ap(metrics)
+        print(markdown_table(['checkpoint', *COCO_BBOX_COLUMNS],
+                             [[args.checkpoint, *ap.values()]]))
+
+
+if __name__ == '__main__':
+    main()
