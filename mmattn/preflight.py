@@ -51,8 +51,17 @@ def check_backbone_plugins(backbone: ConfigDict) -> None:
         return
     from mmdet.models.backbones import ResNet
 
-    backbone_cls = MODELS.get(backbone.get('type'))
+    backbone_cls = _resolve(backbone.get('type'))
     if backbone_cls is None or not issubclass(backbone_cls, ResNet):
+        return
+    if hasattr(backbone_cls, 'check_plugins'):
+        # A ResNet with its own placements (mmattn's AttnResNet) checks them itself.
+        try:
+            backbone_cls.check_plugins(
+                plugins, depth=backbone.get('depth'), num_stages=backbone.get('num_stages', 4),
+                base_channels=backbone.get('base_channels', 64))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f'model.backbone ({backbone.type}): {err}') from err
         return
     block, stage_blocks = backbone_cls.arch_settings[backbone.get('depth')]
     num_stages = backbone.get('num_stages', 4)
@@ -62,7 +71,7 @@ def check_backbone_plugins(backbone: ConfigDict) -> None:
         key = f'model.backbone.plugins[{index}]'
         block_cfg = plugin.get('cfg') or {}
         block_type = block_cfg.get('type')
-        block_cls = MODELS.get(block_type) if block_type else None
+        block_cls = _resolve(block_type)
         if block_cls is None:
             raise ConfigError(
                 f'{key}.cfg.type={block_type!r} is not a registered block. Known attention blocks: '
@@ -95,6 +104,14 @@ def check_backbone_plugins(backbone: ConfigDict) -> None:
                 raise ConfigError(
                     f'{err} (at {key}: stage {stage + 1} of {backbone.type}-{backbone.depth}, '
                     f'position {position}, in_channels={channels})') from err
+
+
+def _resolve(name: str | type | None) -> type | None:
+    """A registry name as the Runner will resolve it: under the current default scope."""
+    if name is None or isinstance(name, type):
+        return name
+    with MODELS.switch_scope_and_registry(None) as registry:
+        return registry.get(name)
 
 
 def known_blocks() -> list[str]:

@@ -18,8 +18,11 @@ def coco_bbox_ap(metrics: Mapping[str, float]) -> dict[str, float]:
     """Box AP columns in percent from CocoMetric results (any prefix such as ``coco/``).
 
     A size bucket with no ground truth is -1 in COCOeval; it stays -1 rather than turning into a
-    misleading -100.
+    misleading -100. CocoMetric returns no metrics at all when the model detected nothing (no
+    score above the test threshold): every AP is then 0.
     """
+    if not metrics:
+        return dict.fromkeys(COCO_BBOX_COLUMNS, 0.0)
     by_suffix = {key.rsplit('/', 1)[-1]: value for key, value in metrics.items()}
     missing = [key for key in COCO_BBOX_COLUMNS.values() if key not in by_suffix]
     if missing:

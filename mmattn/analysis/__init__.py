@@ -1,0 +1,4 @@
+"""Measuring models: parameters and FLOPs in the papers' convention."""
+from .complexity import Complexity, backbone_complexity, model_complexity
+
+__all__ = ['Complexity', 'backbone_complexity', 'model_complexity']
