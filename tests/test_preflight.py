@@ -26,7 +26,8 @@ def test_unknown_block_type_names_it_and_the_known_blocks(sge_config):
 
 
 def test_groups_that_do_not_divide_name_the_stage(sge_config):
-    cfg = with_plugin(sge_config, cfg=dict(type='SpatialGroupEnhance', groups=48), position='after_conv3')
+    cfg = with_plugin(sge_config, cfg=dict(type='SpatialGroupEnhance', groups=48),
+                      position='after_conv3')
     with pytest.raises(ConfigError, match=r'in_channels=256 is not divisible by groups=48.*'
                                           r'stage 1 of ResNet-50'):
         check_config(cfg, 'train')
