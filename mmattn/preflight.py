@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A config asks for something that cannot be built or run."""
 
 
+class DataNotFoundError(ConfigError, FileNotFoundError):
+    """A dataloader, evaluator or checkpoint path of the config does not exist."""
+
+
+class PretrainedUnavailableError(ConfigError, RuntimeError):
+    """The backbone's pretrained weights are neither on disk nor downloadable."""
+
+
 def check_config(cfg: Config, phase: str) -> None:
     """Run every check for ``phase`` ('train' or 'test') on a loaded config.
 
@@ -150,7 +158,7 @@ def follow_data_root(cfg: Config, original_root: str | None) -> None:
 
 
 def check_data(cfg: Config, splits: list[str]) -> None:
-    """Raise FileNotFoundError naming the missing path and how to point the config elsewhere."""
+    """Raise DataNotFoundError naming the missing path and how to point the config elsewhere."""
     for split in splits:
         for dataset in _datasets(cfg.get(f'{split}_dataloader')):
             root = dataset.get('data_root') or ''
@@ -169,7 +177,7 @@ def _require(path: str, what: str, root: str | None) -> None:
     if osp.exists(path):
         return
     where = f" under data_root='{root}'" if root else ''
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"{what} not found: '{path}'{where}. COCO 2017 is expected at data/coco/ "
         '(annotations/instances_train2017.json, annotations/instances_val2017.json, train2017/, '
         'val2017/), relative to the directory you run from. Point to your copy with '
@@ -215,7 +223,7 @@ def check_pretrained(backbone: ConfigDict) -> None:
     url = _checkpoint_url(checkpoint)
     if url is None:
         if not osp.isfile(checkpoint):
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"model.backbone.init_cfg.checkpoint='{checkpoint}' does not exist. {fix}")
         return
     import torch.hub
@@ -226,7 +234,7 @@ def check_pretrained(backbone: ConfigDict) -> None:
     try:
         torch.hub.download_url_to_file(url, cached, progress=False)
     except Exception as err:  # any network failure means the same thing here
-        raise RuntimeError(
+        raise PretrainedUnavailableError(
             f"model.backbone.init_cfg.checkpoint='{checkpoint}' is not in the torch hub cache "
             f"('{cached}') and could not be downloaded from {url} ({type(err).__name__}: {err}). "
             f'{fix}') from err

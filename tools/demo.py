@@ -2,6 +2,7 @@
 import argparse
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
+from mmattn.apis import exit_on_config_error
 from mmattn.apis.demo import run_demo
 
 
@@ -17,9 +18,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    table = run_demo(args.config_dir, args.data_root, args.work_dir, args.seed)
-    print('\nRetinaNet on synthetic COCO-format data (val split), measured by this run:\n')
-    print(table)
+    with exit_on_config_error():
+        table = run_demo(args.config_dir, args.data_root, args.work_dir, args.seed)
+        print('\nRetinaNet on synthetic COCO-format data (val split), measured by this run:\n')
+        print(table)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
-from mmattn.apis import test
+from mmattn.apis import exit_on_config_error, test
 from mmattn.evaluation import COCO_BBOX_COLUMNS, coco_bbox_ap, markdown_table
 
 
@@ -30,13 +30,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out,
-                   show_dir=args.show_dir, tta=args.tta, cfg_options=args.cfg_options,
-                   launcher=args.launcher)
-    if is_main_process():
-        ap = coco_bbox_ap(metrics)
-        print(markdown_table(['checkpoint', *COCO_BBOX_COLUMNS],
-                             [[args.checkpoint, *ap.values()]]))
+    with exit_on_config_error():
+        metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out,
+                       show_dir=args.show_dir, tta=args.tta, cfg_options=args.cfg_options,
+                       launcher=args.launcher)
+        if is_main_process():
+            ap = coco_bbox_ap(metrics)
+            print(markdown_table(['checkpoint', *COCO_BBOX_COLUMNS],
+                                 [[args.checkpoint, *ap.values()]]))
 
 
 if __name__ == '__main__':

@@ -1,9 +1,13 @@
 """Loading a config the way every mmattn tool does."""
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 from mmengine.config import Config
 
-from mmattn.preflight import follow_data_root
+from mmattn.preflight import ConfigError, follow_data_root
 
 
 def load_config(path: str, cfg_options: dict | None = None) -> Config:
@@ -14,3 +18,12 @@ def load_config(path: str, cfg_options: dict | None = None) -> Config:
         cfg.merge_from_dict(cfg_options)
     follow_data_root(cfg, original_root)
     return cfg
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """In a command-line tool: a config mistake ends the program with its message, not a trace."""
+    try:
+        yield
+    except ConfigError as err:
+        sys.exit(f'error: {err}')

@@ -7,7 +7,7 @@ from mmengine.config import ConfigDict
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmattn.preflight import check_config
+from mmattn.preflight import ConfigError, DataNotFoundError, check_config
 
 from .config import load_config
 
@@ -28,9 +28,9 @@ def test(config: str, checkpoint: str, *, work_dir: str | None = None, out: str 
         launcher: ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
     """
     if out is not None and not out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f"--out {out!r}: the dump is a pickle; give a file ending in '.pkl'.")
+        raise ConfigError(f"--out {out!r}: the dump is a pickle; give a file ending in '.pkl'.")
     if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist.")
+        raise DataNotFoundError(f"checkpoint '{checkpoint}' does not exist.")
     cfg = load_config(config, cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
@@ -53,7 +53,7 @@ def test(config: str, checkpoint: str, *, work_dir: str | None = None, out: str 
 
 def _use_tta(cfg, config: str) -> None:
     if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-        raise ValueError(
+        raise ConfigError(
             f'--tta: {config} defines no tta_model / tta_pipeline; add them (see mmdet\'s '
             'configs/_base_/default_runtime.py and the RetinaNet configs) or drop --tta.')
     cfg.tta_model.module = cfg.model

@@ -7,7 +7,7 @@ from mmengine.config import Config
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmattn.preflight import check_config
+from mmattn.preflight import ConfigError, check_config
 
 from .config import load_config
 
@@ -39,7 +39,7 @@ def build_train_runner(cfg: Config, *, config_path: str, work_dir: str | None = 
         cfg.optim_wrapper.loss_scale = 'dynamic'
     if auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
-            raise ValueError(
+            raise ConfigError(
                 '--auto-scale-lr needs auto_scale_lr = dict(enable=False, base_batch_size=16) '
                 'in the config (the batch size its learning rate was set for).')
         cfg.auto_scale_lr.enable = True
