@@ -62,5 +62,7 @@ class SqueezeExcitation(BaseModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with fp32_region(x):
             squeezed = x.mean(dim=(2, 3), dtype=torch.float32)
+        # A model cast to half without autocast has half weights: meet them in their dtype.
+        squeezed = squeezed.to(self.fc[0].weight.dtype)
         scale = self.gate(self.fc(squeezed)).to(x.dtype)
         return x * scale[:, :, None, None]

@@ -60,8 +60,9 @@ class SpatialGroupEnhance(BaseModule):
 
     def init_weights(self) -> None:
         super().init_weights()
-        nn.init.zeros_(self.weight)
-        nn.init.ones_(self.bias)
+        if self.init_cfg is None:  # an explicit init_cfg (e.g. Pretrained) has the last word
+            nn.init.zeros_(self.weight)
+            nn.init.ones_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape

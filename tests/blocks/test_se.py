@@ -46,6 +46,14 @@ def test_bf16_autocast_keeps_dtype():
     torch.testing.assert_close(out.float(), block(x.float()), rtol=3e-2, atol=3e-2)
 
 
+def test_model_cast_to_bf16_runs_without_autocast():
+    block = SqueezeExcitation(64).bfloat16()
+    x = torch.randn(2, 64, 9, 11)
+    out = block(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), block.float()(x), rtol=3e-2, atol=3e-2)
+
+
 def test_rd_ratio_must_be_a_fraction():
     with pytest.raises(ValueError, match=r'rd_ratio=16 must be a fraction'):
         SqueezeExcitation(64, rd_ratio=16)

@@ -56,6 +56,14 @@ def test_paper_init_gates_with_sigmoid_one():
     torch.testing.assert_close(block(x), x * torch.sigmoid(torch.tensor(1.0)))
 
 
+def test_explicit_init_cfg_is_not_overwritten():
+    block = SpatialGroupEnhance(32, groups=8, init_cfg=dict(type='Constant', val=0.5, layer=[]))
+    with torch.no_grad():
+        block.weight.fill_(0.25)
+    block.init_weights()
+    assert torch.equal(block.weight, torch.full((1, 8, 1, 1), 0.25))
+
+
 def test_parameter_names_and_shapes_are_the_authors():
     shapes = {name: tuple(p.shape) for name, p in SpatialGroupEnhance(256).named_parameters()}
     assert shapes == {'weight': (1, 64, 1, 1), 'bias': (1, 64, 1, 1)}
