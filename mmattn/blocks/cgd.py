@@ -1,0 +1,111 @@
+"""Compact Global Descriptor."""
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+
+from ._common import fp32_region
+
+_MODES = ('cascade', 'plain')
+
+
+@MODELS.register_module()
+class CompactGlobalDescriptor(BaseModule):
+    """Compact Global Descriptor (CGD) channel gate.
+
+    Paper: "Compact Global Descriptor for Neural Networks",
+    https://arxiv.org/abs/1907.09665.
+
+    With a = global average pool (N, C), m = global max pool and
+    p = softmax of a over the channels, the cascaded descriptor (the variant
+    the authors' README recommends, ``mode='cascade'``) is::
+
+        psi  = tanh(p a^T w0 + bias0)
+        phi  = tanh(p m^T w1 + bias1)
+        gate = tanh(psi phi^T w2 + bias2)
+        out  = x * (1 + gate)
+
+    and the plain descriptor (``mode='plain'``) is
+    ``out = x * (1 + tanh(a a^T w0))``, without bias. The C x C products are
+    never formed: ``(p a^T) w0 = p (a . w0)``, so the gate costs O(C) per
+    sample. The gate lies in (-1, 1), so every channel is scaled by a factor
+    in (0, 2). The weights are random at init, so the block is not the
+    identity at init.
+
+    ``w0``, ``w1``, ``w2`` (C, 1) and ``bias0``, ``bias1``, ``bias2``
+    (1, C, 1, 1) carry the names and shapes of the authors' ImageNet code
+    (their attribute ``attention``), so their checkpoints load by renaming
+    the ``attention.`` prefix. (Their detection copy builds the C x C form
+    and names the same tensors ``squeeze{i}.0.weight`` (C, 1) and
+    ``squeeze{i}.0.bias`` (C, 1, 1).) The authors published no plain module;
+    its one weight is named ``w0``, as the cascade's weight on the average
+    pool. The authors train these weights with weight decay 4e-5 (1e-4
+    elsewhere). Pooling, softmax and the gate are computed in fp32 under
+    autocast; the output has the input's dtype.
+
+    Placement in the paper: right after the first conv of every residual
+    block, before its BN (Bottleneck: conv1 -> CGD -> bn1 -> ReLU), all
+    blocks of res2-res5.
+
+    Args:
+        in_channels (int): Channels C of the input.
+        mode (str): ``'cascade'`` (average and max pooling, three weights and
+            biases) or ``'plain'`` (average pooling, one weight).
+            Defaults to ``'cascade'``.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+
+    Shape:
+        (N, C, H, W) in, (N, C, H, W) out.
+    """
+
+    _abbr_ = 'cgd'
+
+    def __init__(self,
+                 in_channels: int,
+                 mode: str = 'cascade',
+                 init_cfg: dict | None = None) -> None:
+        super().__init__(init_cfg)
+        if mode not in _MODES:
+            raise ValueError(
+                f'{type(self).__name__}: mode={mode!r} is not one of {_MODES}; use '
+                "mode='cascade' (the authors' recommended descriptor) or mode='plain'.")
+        self.in_channels = in_channels
+        self.mode = mode
+        self.w0 = nn.Parameter(torch.empty(in_channels, 1))
+        if mode == 'cascade':
+            self.w1 = nn.Parameter(torch.empty(in_channels, 1))
+            self.w2 = nn.Parameter(torch.empty(in_channels, 1))
+            self.bias0 = nn.Parameter(torch.empty(1, in_channels, 1, 1))
+            self.bias1 = nn.Parameter(torch.empty(1, in_channels, 1, 1))
+            self.bias2 = nn.Parameter(torch.empty(1, in_channels, 1, 1))
+        self._reset_parameters()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if self.init_cfg is None:
+            self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # The authors' init: Xavier-uniform weights, zero biases.
+        for name, param in self.named_parameters(recurse=False):
+            if name.startswith('bias'):
+                nn.init.zeros_(param)
+            else:
+                nn.init.xavier_uniform_(param)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fp32_region(x):
+            mean = x.mean(dim=(2, 3), dtype=torch.float32)
+            if self.mode == 'cascade':
+                gate = self._cascade_gate(mean, x.amax(dim=(2, 3)).float())
+            else:
+                gate = torch.tanh(mean * (mean @ self.w0))
+            scale = (1 + gate).to(x.dtype)
+        return x * scale[:, :, None, None]
+
+    def _cascade_gate(self, mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        c = self.in_channels
+        weights = torch.softmax(mean, dim=1)
+        psi = torch.tanh(weights * (mean @ self.w0) + self.bias0.view(1, c))
+        phi = torch.tanh(weights * (peak @ self.w1) + self.bias1.view(1, c))
+        return torch.tanh(psi * (phi @ self.w2) + self.bias2.view(1, c))
