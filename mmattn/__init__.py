@@ -1,11 +1,12 @@
 """mmattn: attention blocks for ResNet backbones, as MMEngine plugins.
 
-Importing the package registers every block in MMEngine's root MODELS registry (found under scope
+Importing the package registers every block and the AttnResNet backbone in MMEngine's root MODELS
+registry (found under scope
 mmdet, scope mmpretrain and no scope) and lets torch's weights_only loader read mmengine's own
 checkpoints. Configs load it with
 ``custom_imports = dict(imports=['mmattn'], allow_failed_imports=False)``.
 """
-from . import blocks  # noqa: F401  (registers the blocks)
+from . import backbones, blocks  # noqa: F401  (registers AttnResNet and the blocks)
 from .checkpoint import allow_mmengine_checkpoints
 from .version import __version__
 

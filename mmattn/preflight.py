@@ -53,65 +53,54 @@ def check_config(cfg: Config, phase: str) -> None:
 
 
 def check_backbone_plugins(backbone: ConfigDict) -> None:
-    """Validate ``plugins=`` of an mmdet-style ResNet config (stock ResNet or a subclass)."""
+    """Validate ``plugins=`` of an mmdet-style ResNet config (stock ResNet or AttnResNet).
+
+    AttnResNet's own check does the work (types, stages, blocks, every plugin built at its
+    stage's width, duplicate names); a stock mmdet ResNet is also held to what it can build.
+    """
     plugins = backbone.get('plugins')
     if not plugins:
         return
     from mmdet.models.backbones import ResNet
 
+    from mmattn.backbones import AttnResNet
+
     backbone_cls = _resolve(backbone.get('type'))
     if backbone_cls is None or not issubclass(backbone_cls, ResNet):
         return
-    if hasattr(backbone_cls, 'check_plugins'):
-        # A ResNet with its own placements (mmattn's AttnResNet) checks them itself.
-        try:
-            backbone_cls.check_plugins(
-                plugins, depth=backbone.get('depth'), num_stages=backbone.get('num_stages', 4),
-                base_channels=backbone.get('base_channels', 64))
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f'model.backbone ({backbone.type}): {err}') from err
-        return
-    block, stage_blocks = backbone_cls.arch_settings[backbone.get('depth')]
-    num_stages = backbone.get('num_stages', 4)
-    base_channels = backbone.get('base_channels', 64)
-    expansion = getattr(block, 'expansion', 1)
+    depth = backbone.get('depth')
+    arch = backbone_cls.__name__
+    if not issubclass(backbone_cls, AttnResNet):
+        _check_stock_resnet(plugins, backbone_cls, depth)
+    try:
+        AttnResNet.check_plugins(plugins, depth=depth, num_stages=backbone.get('num_stages', 4),
+                                 base_channels=backbone.get('base_channels', 64), arch=arch)
+    except (ValueError, TypeError) as err:
+        # Structural messages start with the entry ("plugins[0].position=..."): anchor it in cfg.
+        prefix = 'model.backbone.' if str(err).startswith('plugins[') else ''
+        raise ConfigError(f'{prefix}{err}') from err
+
+
+def _check_stock_resnet(plugins: list, backbone_cls: type, depth: int) -> None:
+    """What mmdet's ResNet refuses beyond AttnResNet: new positions, ``blocks``, BasicBlock."""
+    arch = backbone_cls.__name__
+    block = backbone_cls.arch_settings[depth][0] if depth in backbone_cls.arch_settings else None
     for index, plugin in enumerate(plugins):
         key = f'model.backbone.plugins[{index}]'
-        block_cfg = plugin.get('cfg') or {}
-        block_type = block_cfg.get('type')
-        block_cls = _resolve(block_type)
-        if block_cls is None:
+        if block is not None and block.__name__ == 'BasicBlock':
             raise ConfigError(
-                f'{key}.cfg.type={block_type!r} is not a registered block. Known attention blocks: '
-                f'{", ".join(known_blocks())}. A config that uses mmattn blocks needs '
-                "custom_imports = dict(imports=['mmattn'], allow_failed_imports=False).")
-        position = plugin.get('position')
+                f"{key}: mmdet's {arch}-{depth} is built of BasicBlocks, which refuse plugins; "
+                "use type='AttnResNet' (same weights and keys) or depth 50, 101 or 152.")
+        position = plugin.get('position') if isinstance(plugin, dict) else None
         if position not in MMDET_POSITIONS:
             raise ConfigError(
-                f'{key}.position={position!r} is not a position of {backbone.type}; '
-                f'use one of {", ".join(MMDET_POSITIONS)} '
-                "(the papers place SE, SGE, CBAM and GC at 'after_conv3').")
-        stages = plugin.get('stages') or (True, ) * num_stages
-        if len(stages) != num_stages:
+                f'{key}.position={position!r} is not a position of {arch}; use one of '
+                f'{", ".join(MMDET_POSITIONS)} (the papers place SE, SGE, CBAM and GC at '
+                "'after_conv3'), or type='AttnResNet' for after_conv1_pre_norm and after_stage.")
+        if isinstance(plugin, dict) and 'blocks' in plugin:
             raise ConfigError(
-                f'{key}.stages has {len(stages)} entries; {backbone.type} has num_stages='
-                f'{num_stages}, so give one bool per stage, e.g. stages={(True, ) * num_stages}.')
-        if block.__name__ == 'BasicBlock':
-            raise ConfigError(
-                f"{key}: mmdet's BasicBlock (depth={backbone.depth}) refuses plugins; "
-                'use depth 50, '
-                '101 or 152.')
-        for stage, wanted in enumerate(stages):
-            if not wanted or stage_blocks[stage] == 0:
-                continue
-            planes = base_channels * 2**stage
-            channels = planes * expansion if position == 'after_conv3' else planes
-            try:
-                MODELS.build(dict(block_cfg, in_channels=channels))
-            except (ValueError, TypeError) as err:
-                raise ConfigError(
-                    f'{err} (at {key}: stage {stage + 1} of {backbone.type}-{backbone.depth}, '
-                    f'position {position}, in_channels={channels})') from err
+                f"{key}.blocks: {arch} puts a plugin in every block of a stage; use "
+                "type='AttnResNet' to choose blocks.")
 
 
 def _resolve(name: str | type | None) -> type | None:
@@ -120,12 +109,6 @@ def _resolve(name: str | type | None) -> type | None:
         return name
     with MODELS.switch_scope_and_registry(None) as registry:
         return registry.get(name)
-
-
-def known_blocks() -> list[str]:
-    """Names of the attention blocks a plugin config can use."""
-    from mmattn import blocks
-    return sorted(blocks.__all__) + ['ContextBlock (mmcv)']
 
 
 # ---------------------------------------------------------------------------------------------

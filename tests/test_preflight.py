@@ -29,7 +29,14 @@ def test_groups_that_do_not_divide_name_the_stage(sge_config):
     cfg = with_plugin(sge_config, cfg=dict(type='SpatialGroupEnhance', groups=48),
                       position='after_conv3')
     with pytest.raises(ConfigError, match=r'in_channels=256 is not divisible by groups=48.*'
-                                          r'stage 1 of ResNet-50'):
+                                          r'ResNet-50 plugins\[0\].*stage 1'):
+        check_config(cfg, 'train')
+
+
+def test_two_plugins_with_one_name_are_refused_before_mmdet_asserts(sge_config):
+    cfg = with_plugin(sge_config, cfg=dict(type='SpatialGroupEnhance'), position='after_conv3')
+    cfg.model.backbone.plugins.append(cfg.model.backbone.plugins[0])
+    with pytest.raises(ConfigError, match=r"module name 'sge' is already taken.*postfix"):
         check_config(cfg, 'train')
 
 
