@@ -44,15 +44,16 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-# Short schedule: evaluation once, at the end.
-max_epochs = 12
+# 60 short epochs (8 iterations of 8 images) and one evaluation, at the end. lr 0.01 as the
+# recipe (for 8 images, not 16): from scratch, 0.02 diverged after 15 epochs.
+max_epochs = 60
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 optim_wrapper = dict(optimizer=dict(lr=0.01))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=1 / 3, by_epoch=False, begin=0, end=50),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[9, 11],
+    dict(type='LinearLR', start_factor=1 / 3, by_epoch=False, begin=0, end=100),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[45, 55],
          gamma=0.1),
 ]
-default_hooks = dict(logger=dict(interval=4),
+default_hooks = dict(logger=dict(interval=8),
                      checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
 auto_scale_lr = dict(base_batch_size=8)
