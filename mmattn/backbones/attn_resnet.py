@@ -1,7 +1,7 @@
 """AttnResNet: mmdet's ResNet with the plugin placements the attention papers use."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +10,7 @@ from mmcv.cnn import build_plugin_layer
 from mmdet.models.backbones import ResNet
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck
 from mmdet.models.layers import ResLayer
+from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from .. import blocks as attention_blocks
@@ -216,11 +217,37 @@ class AttnResNet(ResNet):
                 outs.append(x)
         return tuple(outs)
 
+    def init_weights(self) -> None:
+        super().init_weights()
+        # mmengine gives plugins that are plain nn.Modules (mmcv's ContextBlock) the backbone's
+        # Kaiming init and never calls theirs: restore their own init, unless a Pretrained
+        # checkpoint (applied last, possibly with plugin weights) has just loaded them.
+        if not any(cfg.get('type') == 'Pretrained' for cfg in _as_list(self.init_cfg)):
+            for module in self.plugin_modules():
+                if not isinstance(module, BaseModule) and hasattr(module, 'reset_parameters'):
+                    module.reset_parameters()
+
+    def plugin_modules(self) -> Iterator[nn.Module]:
+        """The plugin modules attached to this backbone, in forward order."""
+        for stage, layer_name in enumerate(self.res_layers):
+            for block in getattr(self, layer_name):
+                for position in block.plugin_positions:
+                    for name in getattr(block, f'{position}_plugin_names'):
+                        yield getattr(block, name)
+            for name in self.after_stage_plugin_names[stage]:
+                yield getattr(self, name)
+
     def train(self, mode: bool = True) -> AttnResNet:
         # mmdet's train() keeps frozen stages (plugins included) and, with norm_eval, every
         # norm layer in eval mode, but returns None; nn.Module.train returns the module.
         super().train(mode)
         return self
+
+
+def _as_list(init_cfg) -> list:
+    if not init_cfg:
+        return []
+    return list(init_cfg) if isinstance(init_cfg, (list, tuple)) else [init_cfg]
 
 
 # ---------------------------------------------------------------------------------------------

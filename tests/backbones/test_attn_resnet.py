@@ -369,3 +369,27 @@ def test_with_cp_gives_the_same_outputs_and_gradients(depth):
         sum(o.sum() for o in outs).backward()
         results.append((outs, x.grad))
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_context_block_keeps_its_zero_init_under_the_backbones_init():
+    # mmcv's ContextBlock is a plain nn.Module: mmengine would leave it with the backbone's
+    # Kaiming init; GCNet zero-initialises the last conv so each block starts as the identity.
+    backbone = AttnResNet(50, base_channels=16, plugins=[
+        dict(cfg=dict(type='ContextBlock', ratio=1 / 4), position='after_conv3')])
+    backbone.init_weights()
+    last_conv = backbone.layer2[0].context_block.channel_add_conv[-1]
+    assert torch.count_nonzero(last_conv.weight) == 0
+    assert torch.count_nonzero(last_conv.bias) == 0
+
+
+def test_restoring_plugin_init_leaves_the_resnet_init_alone():
+    plain = AttnResNet(50, base_channels=16)
+    with_gc = AttnResNet(50, base_channels=16, plugins=[
+        dict(cfg=dict(type='ContextBlock', ratio=1 / 4), position='after_conv3')])
+    for backbone in (plain, with_gc):
+        torch.manual_seed(0)
+        backbone.init_weights()
+    # Kaiming (fan_out) draws have std 0.059 for this conv; PyTorch's default init 0.024.
+    conv = 'layer3.1.conv2.weight'
+    torch.testing.assert_close(with_gc.state_dict()[conv].std(), plain.state_dict()[conv].std(),
+                               rtol=0.1, atol=0)
