@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint and print COCO box AP, AP50, AP75, AP_S, AP_M, AP_L."""
+"""Evaluate a checkpoint; prints COCO box AP, AP50, AP75, AP_S, AP_M, AP_L (or the metrics)."""
 import argparse
 import os
 
@@ -7,7 +7,7 @@ from mmengine.dist import is_main_process
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
 from mmattn.apis import exit_on_config_error, test
-from mmattn.evaluation import COCO_BBOX_COLUMNS, coco_bbox_ap, markdown_table
+from mmattn.evaluation import metrics_table
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,9 +35,7 @@ def main() -> None:
                        show_dir=args.show_dir, tta=args.tta, cfg_options=args.cfg_options,
                        launcher=args.launcher)
         if is_main_process():
-            ap = coco_bbox_ap(metrics)
-            print(markdown_table(['checkpoint', *COCO_BBOX_COLUMNS],
-                                 [[args.checkpoint, *ap.values()]]))
+            print(metrics_table(metrics, args.checkpoint))
 
 
 if __name__ == '__main__':

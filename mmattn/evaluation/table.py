@@ -40,3 +40,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(cell(value) for value in row) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+def metrics_table(metrics: Mapping[str, float], row_name: str) -> str:
+    """The COCO box AP table for detection metrics; every metric as a row otherwise (accuracy)."""
+    suffixes = {key.rsplit('/', 1)[-1] for key in metrics}
+    if not metrics or set(COCO_BBOX_COLUMNS.values()) <= suffixes:
+        ap = coco_bbox_ap(metrics)
+        return markdown_table([row_name, *COCO_BBOX_COLUMNS], [[row_name, *ap.values()]])
+    return markdown_table(['metric', row_name],
+                          [[key, float(value)] for key, value in sorted(metrics.items())])
