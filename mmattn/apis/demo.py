@@ -54,7 +54,10 @@ def run_demo(config_dir: str = 'configs/demo', data_root: str = 'data/synthetic/
     for name, config_name in DEMO_RUNS:
         config = osp.join(config_dir, config_name)
         stem = osp.splitext(config_name)[0]
-        cfg = load_config(config, {'data_root': data_root, 'randomness': dict(seed=seed)})
+        # Each run gets its own visualizer: mmengine keeps one instance per name in a process,
+        # and a shared one would write the second run's scalars into the first run's folder.
+        cfg = load_config(config, {'data_root': data_root, 'randomness': dict(seed=seed),
+                                   'visualizer.name': f'visualizer_{stem}'})
         init_default_scope(cfg.get('default_scope', 'mmdet'))
         image_size = cfg.get('image_scale', (256, 256))
         complexity = backbone_complexity(cfg.model.backbone, (3, *image_size))
@@ -67,7 +70,7 @@ def run_demo(config_dir: str = 'configs/demo', data_root: str = 'data/synthetic/
         minutes = (time.perf_counter() - start) / 60
         ap = coco_bbox_ap(recorder.metrics)
         rows.append([name, *ap.values(), f'{complexity.params / 1e6:.3f}',
-                     f'{complexity.flops / 1e9:.3f}', f'{minutes:.1f}'])
+                     f'{complexity.papers_flops / 1e9:.3f}', f'{minutes:.1f}'])
     height, width = image_size
     header = ['backbone', *COCO_BBOX_COLUMNS, 'params (M)', f'GFLOPs @{width}x{height}',
               'train min']

@@ -42,11 +42,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return '\n'.join(lines)
 
 
-def metrics_table(metrics: Mapping[str, float], row_name: str) -> str:
-    """The COCO box AP table for detection metrics; every metric as a row otherwise (accuracy)."""
+def metrics_table(metrics: Mapping[str, float], row_name: str,
+                  name_column: str = 'checkpoint') -> str:
+    """The COCO box AP table for detection metrics; every metric as a row otherwise (accuracy).
+
+    Args:
+        metrics: What the evaluator returned.
+        row_name: Names the evaluated thing (a checkpoint path), in the first column.
+        name_column: Header of the first column.
+    """
     suffixes = {key.rsplit('/', 1)[-1] for key in metrics}
     if not metrics or set(COCO_BBOX_COLUMNS.values()) <= suffixes:
         ap = coco_bbox_ap(metrics)
-        return markdown_table([row_name, *COCO_BBOX_COLUMNS], [[row_name, *ap.values()]])
+        return markdown_table([name_column, *COCO_BBOX_COLUMNS], [[row_name, *ap.values()]])
     return markdown_table(['metric', row_name],
                           [[key, float(value)] for key, value in sorted(metrics.items())])

@@ -18,7 +18,7 @@ def test_no_detections_means_zero_ap():
 
 def test_detection_metrics_print_the_coco_row():
     table = metrics_table(COCO, 'ckpt.pth')
-    assert table.splitlines()[0] == '| ckpt.pth | AP | AP50 | AP75 | AP_S | AP_M | AP_L |'
+    assert table.splitlines()[0] == '| checkpoint | AP | AP50 | AP75 | AP_S | AP_M | AP_L |'
     assert table.splitlines()[2] == '| ckpt.pth | 37.5 | 59.1 | 40.6 | 19.9 | 39.6 | -1.0 |'
 
 
