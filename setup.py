@@ -20,6 +20,10 @@ setup(
     long_description=(ROOT / 'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmattn', 'mmattn.*']),
+    # The configs ship inside the package (mmattn/.mim/configs links to ../../configs, as in
+    # mmdet's layout) so that other projects inherit them: _base_ = 'mmattn::retinanet_r50_sge.py'.
+    package_data={'mmattn': ['.mim/model-index.yml', '.mim/configs/**/*.py',
+                             '.mim/configs/**/*.yml']},
     python_requires='>=3.10',
     # `==2.13.0` also accepts local builds such as 2.13.0+cu128, so a user's own CUDA torch is kept.
     # mmcv is not listed: pip would build it in an isolated environment without its compiled ops;

@@ -1,0 +1,2 @@
+# Faster R-CNN R50-FPN, the baseline of the SGE paper's tables, on its recipe (see the base).
+_base_ = './_base_/faster_rcnn_sge_paper.py'

@@ -1,0 +1,4 @@
+# CBAM-ResNet-101 RetinaNet: retinanet_r50_cbam.py at depth 101 (1 image/GPU, as in the SGE paper).
+_base_ = './retinanet_r50_cbam.py'
+
+model = dict(backbone=dict(depth=101, init_cfg=dict(checkpoint='torchvision://resnet101')))

@@ -1,0 +1,4 @@
+# CGD-ResNet-101 RetinaNet: retinanet_r50_cgd.py at depth 101.
+_base_ = './retinanet_r50_cgd.py'
+
+model = dict(backbone=dict(depth=101, init_cfg=dict(checkpoint='torchvision://resnet101')))
