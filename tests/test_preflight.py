@@ -42,6 +42,7 @@ def test_two_plugins_with_one_name_are_refused_before_mmdet_asserts(sge_config):
 
 def test_unknown_position_lists_the_valid_ones(sge_config):
     cfg = with_plugin(sge_config, cfg=dict(type='SpatialGroupEnhance'), position='after_conv4')
+    cfg.model.backbone.type = 'ResNet'  # mmdet's own ResNet: its three positions
     with pytest.raises(ConfigError, match=r"position='after_conv4'.*after_conv1, after_conv2, "
                                           r'after_conv3'):
         check_config(cfg, 'train')
