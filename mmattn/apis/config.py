@@ -21,9 +21,15 @@ def load_config(path: str, cfg_options: dict | None = None) -> Config:
 
 
 @contextlib.contextmanager
-def exit_on_config_error() -> Iterator[None]:
-    """In a command-line tool: a config mistake ends the program with its message, not a trace."""
+def exit_on_known_error() -> Iterator[None]:
+    """In a command-line tool: a failure mmattn explains ends the program with its message.
+
+    Config mistakes (preflight), refused checkpoints, a training stopped on a non-finite loss or a
+    dead peer process, and a checkpoint that could not be written all carry a message that names
+    the problem and the fix; a traceback would only bury it.
+    """
+    from mmattn.engine import CheckpointSaveError, TrainingAborted
     try:
         yield
-    except ConfigError as err:
+    except (ConfigError, TrainingAborted, CheckpointSaveError) as err:
         sys.exit(f'error: {err}')

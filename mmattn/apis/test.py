@@ -7,7 +7,13 @@ from mmengine.config import ConfigDict
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmattn.preflight import ConfigError, DataNotFoundError, check_config
+from mmattn.engine import configure_distributed, distributed_fault_guard, init_distributed
+from mmattn.preflight import (
+    ConfigError,
+    DataNotFoundError,
+    check_checkpoint_architecture,
+    check_config,
+)
 
 from .config import load_config
 
@@ -16,6 +22,10 @@ def test(config: str, checkpoint: str, *, work_dir: str | None = None, out: str 
          show_dir: str | None = None, tta: bool = False, cfg_options: dict | None = None,
          launcher: str = 'none') -> dict:
     """Evaluate ``checkpoint`` on the config's test set; returns the metrics dict.
+
+    Once the model is built, the checkpoint is read completely with weights_only and compared
+    with it: a torn file, one carrying pickled code or one of another architecture is refused
+    with a message instead of evaluated.
 
     Args:
         config: Config file.
@@ -43,12 +53,16 @@ def test(config: str, checkpoint: str, *, work_dir: str | None = None, out: str 
         trigger_visualization_hook(cfg, ConfigDict(show=False, show_dir=show_dir))
     if tta:
         _use_tta(cfg, config)
+    configure_distributed(cfg)
     check_config(cfg, 'test')
+    init_distributed(cfg)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    check_checkpoint_architecture(runner.model, cfg)
     if out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
-    return runner.test()
+    with distributed_fault_guard(runner.work_dir):
+        return runner.test()
 
 
 def _use_tta(cfg, config: str) -> None:

@@ -14,10 +14,13 @@ code from any downloaded file instead.
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
+
+from mmattn.preflight import ConfigError
 
 # The numpy dtypes whose arrays and scalars mmengine's message hub and loops store.
 _NUMPY_DTYPES = ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
@@ -57,3 +60,39 @@ def mmengine_checkpoint_globals() -> list:
 def allow_mmengine_checkpoints() -> None:
     """Add :func:`mmengine_checkpoint_globals` to torch's weights_only allowlist (idempotent)."""
     torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
+
+
+class CheckpointRefusedError(ConfigError, pickle.UnpicklingError):
+    """A checkpoint asks to run pickled code; it was refused and none of that code ran.
+
+    Still an ``UnpicklingError`` (what torch raises); as a ConfigError, mmattn's tools end with
+    its message instead of a traceback.
+    """
+
+
+def load_checkpoint_file(path: str, map_location: str = 'cpu'):
+    """``torch.load`` with ``weights_only=True`` and a refusal that says what and why.
+
+    ``weights_only`` is passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it
+    off. Only the globals of :func:`mmengine_checkpoint_globals` and torch's own are allowed.
+
+    Raises:
+        CheckpointRefusedError: The file references any other global (a pickled callable).
+    """
+    allow_mmengine_checkpoints()
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise refusal(path, err) from None
+
+
+def refusal(path: str, err: pickle.UnpicklingError) -> CheckpointRefusedError:
+    """The mmattn message for torch's (or :func:`history_buffer_statistic`'s) refusal."""
+    found = re.search(r'GLOBAL (\S+)', str(err))
+    what = found.group(1) if found else str(err).strip().splitlines()[0]
+    return CheckpointRefusedError(
+        f'refused: {path} contains pickled code ({what}); mmattn loads checkpoints with '
+        "weights_only=True, which only rebuilds tensors and mmengine's own bookkeeping, so none "
+        'of that code ran. A checkpoint needs no code: if the file comes from a source you '
+        'trust, re-save its weights with torch.save(model.state_dict(), path); otherwise delete '
+        'it. Do not set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which would run whatever the file asks.')
