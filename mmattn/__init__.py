@@ -7,7 +7,7 @@ checkpoints, and makes ``_base_ = 'mmattn::<config>.py'`` resolve to the configs
 load it with
 ``custom_imports = dict(imports=['mmattn'], allow_failed_imports=False)``.
 """
-from . import backbones, blocks  # noqa: F401  (registers AttnResNet and the blocks)
+from . import backbones, blocks, engine  # noqa: F401  (registers AttnResNet, blocks, hooks, loops)
 from .checkpoint import allow_mmengine_checkpoints
 from .config_scope import resolve_mmattn_configs
 from .version import __version__

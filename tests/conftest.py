@@ -1,7 +1,9 @@
+import copy
 import pathlib
 
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 
 import mmattn  # noqa: F401  (registers the blocks for every test)
 
@@ -9,6 +11,15 @@ import mmattn  # noqa: F401  (registers the blocks for every test)
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_default_scope():
+    """Undo the default scope a test's Runner sets for the whole process (mmengine keeps the
+    latest DefaultScope as current), as mmengine's own ``overwrite_default_scope`` undoes its."""
+    saved = copy.copy(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict = saved
 
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'

@@ -2,7 +2,7 @@
 import argparse
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
-from mmattn.apis import exit_on_config_error
+from mmattn.apis import exit_on_known_error
 from mmattn.apis.demo import run_demo
 
 
@@ -18,7 +18,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with exit_on_config_error():
+    with exit_on_known_error():
         table = run_demo(args.config_dir, args.data_root, args.work_dir, args.seed)
         print('\nRetinaNet on synthetic COCO-format data (val split), measured by this run:\n')
         print(table)

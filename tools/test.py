@@ -6,7 +6,7 @@ from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
-from mmattn.apis import exit_on_config_error, test
+from mmattn.apis import exit_on_known_error, test
 from mmattn.evaluation import metrics_table
 
 
@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with exit_on_config_error():
+    with exit_on_known_error():
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out,
                        show_dir=args.show_dir, tta=args.tta, cfg_options=args.cfg_options,
                        launcher=args.launcher)

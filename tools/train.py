@@ -5,7 +5,7 @@ import os
 from mmengine.config import DictAction
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
-from mmattn.apis import exit_on_config_error, train
+from mmattn.apis import exit_on_known_error, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with exit_on_config_error():
+    with exit_on_known_error():
         train(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, amp=args.amp,
               auto_scale_lr=args.auto_scale_lr, resume=args.resume, launcher=args.launcher)
 

@@ -563,8 +563,12 @@ def verify_conversion(conversion: Conversion) -> None:
     """
     if conversion.classifier is not None:
         import mmpretrain.models  # noqa: F401  (registers ImageClassifier; needs torchvision)
+        from mmengine.registry import DefaultScope
         from mmpretrain.registry import MODELS
-        model = MODELS.build(copy.deepcopy(conversion.classifier))
+
+        # An earlier Runner in this process may have left another default scope behind.
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            model = MODELS.build(copy.deepcopy(conversion.classifier))
         state_dict, what = conversion.state_dict, 'the inferred ImageClassifier'
     else:
         args = {k: v for k, v in conversion.backbone.items() if k != 'type'}

@@ -1,4 +1,5 @@
 """The user's path end to end on tiny synthetic data: tools/train.py, tools/test.py, --resume."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -11,8 +12,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run_tool(*args: str) -> str:
+    # One thread: tiny tensors gain nothing from two, and spin-waiting threads slow a busy machine.
+    env = dict(os.environ, OMP_NUM_THREADS='1')
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

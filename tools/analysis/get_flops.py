@@ -4,7 +4,7 @@ import argparse
 
 import mmattn  # noqa: F401  (registers the blocks)
 from mmattn.analysis import COUNTING_RULES, complexity_table, config_complexity
-from mmattn.apis import exit_on_config_error
+from mmattn.apis import exit_on_known_error
 
 
 def parse_args() -> argparse.Namespace:
@@ -18,7 +18,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with exit_on_config_error():
+    with exit_on_known_error():
         rows = [config_complexity(config, args.shape) for config in args.configs]
     print(complexity_table(rows))
     print(f'\nCounted: {COUNTING_RULES}')

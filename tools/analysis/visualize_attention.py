@@ -5,7 +5,7 @@ import sys
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
 from mmattn.analysis import visualize_attention
-from mmattn.apis import exit_on_config_error
+from mmattn.apis import exit_on_known_error
 
 
 def parse_args() -> argparse.Namespace:
@@ -21,7 +21,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with exit_on_config_error():
+    with exit_on_known_error():
         try:
             visualize_attention(args.config, args.checkpoint, args.image, args.block, args.out)
         except (ValueError, FileNotFoundError) as err:
