@@ -29,3 +29,17 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 def configs() -> pathlib.Path:
     """The repository's configs folder, wherever the test runs from."""
     return CONFIGS
+
+
+@pytest.fixture
+def native_convolutions():
+    """torch's native convolutions instead of oneDNN's for the test.
+
+    oneDNN compiles a kernel for every new convolution shape (about 1 s of CPU per ResNet-50
+    here); at the narrow widths of the tests torch's native kernels are faster. A folder's
+    conftest turns this on for all of its tests with an autouse fixture that requests it.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled

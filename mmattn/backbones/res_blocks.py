@@ -18,11 +18,74 @@ after_conv3              conv3 -> bn3 -> [P] -> +id   (4)      (none: a BasicBlo
 are mmdet's positions, unchanged. In a BasicBlock conv2 is the last conv and nothing but the add
 follows bn2, so its after_conv2 is the point "after the last conv + BN, before the add" where the
 papers put SE and SGE: the same place as a Bottleneck's after_conv3.
+
+Fusion. The blocks own their intermediate tensors, so they may hand them to a plugin for good:
+
+- Before the residual add (Bottleneck after_conv3, BasicBlock after_conv2), when the last plugin
+  there offers ``fused_residual`` (see :mod:`mmattn.blocks._common`), the block calls
+  ``plugin.fused_residual(out, identity, restore)`` instead of ``out = plugin(out)`` and
+  ``out += identity``: the gate is applied inside the add, without a new feature map. When that
+  plugin is the only one there, its input is the norm's output, and ``restore`` lets its backward
+  recompute that output from the norm's input (which the norm keeps for backward anyway) instead
+  of keeping a second copy; not under ``with_cp``, whose checkpoint already recomputes the block.
+- Elsewhere, a plugin that offers ``forward_inplace`` is called through it: it may overwrite its
+  input when autograd does not need it and keep its output, not its input, for backward.
+
+With autograd the outputs have the unfused bits (the product is rounded before the add, as the
+unfused ops do) and the gradients agree to rounding; without autograd the gate and the add are one
+``addcmul`` pass, equal to within the last bit. A plugin with forward hooks or pre-hooks is always
+called as a module, so the hooks see what they expect.
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..blocks._common import Restore
+
+
+def norm_restore(norm: nn.Module, norm_input: torch.Tensor) -> Restore | None:
+    """How to recompute ``norm(norm_input)`` in backward, as its forward pass computes it.
+
+    Batch norm (including SyncBN in eval mode) qualifies: the same ``F.batch_norm`` call on the
+    same input gives the same bits, with the batch statistics in training mode (and no update of
+    the running statistics) or, in eval mode, a copy of the running statistics taken now (call it
+    next to the forward pass). Its weight and bias are read when it runs, in backward, before an
+    optimizer step changes them. In eval mode the norm is a per-channel affine map, given as
+    ``Restore.affine`` too. Anything else returns None.
+    """
+    if not isinstance(norm, _BatchNorm):
+        return None
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    affine = None
+    if batch_stats:
+        if isinstance(norm, nn.SyncBatchNorm):  # its statistics span processes
+            return None
+        running_mean = running_var = None
+    else:
+        running_mean, running_var = norm.running_mean.clone(), norm.running_var.clone()
+        with torch.no_grad():
+            scale = torch.rsqrt(running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            shift = -running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+        affine = (scale, shift)
+    fn = partial(F.batch_norm, running_mean=running_mean, running_var=running_var,
+                 weight=norm.weight, bias=norm.bias, training=batch_stats, momentum=0.0,
+                 eps=norm.eps)
+    return Restore(norm_input, fn, affine)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 class _PluginPositions:
@@ -52,9 +115,53 @@ class _PluginPositions:
             x = getattr(self, name)(x)
         return x
 
+    def forward_owned_plugin(self, x: torch.Tensor, plugin_names: list[str]) -> torch.Tensor:
+        """``forward_plugin`` for an ``x`` the block gives up and does not modify afterwards."""
+        for name in plugin_names:
+            module = getattr(self, name)
+            if hasattr(module, 'forward_inplace') and not _has_hooks(module):
+                x = module.forward_inplace(x)
+            else:
+                x = module(x)
+        return x
+
+    def fused_plugin(self, plugin_names: list[str]) -> nn.Module | None:
+        """The plugin before the residual add that is fused with it, if any: the last one."""
+        last = getattr(self, plugin_names[-1]) if plugin_names else None
+        if last is None or not hasattr(last, 'fused_residual') or _has_hooks(last):
+            return None
+        return last
+
+    def restore_norm(self, plugin_names: list[str], norm: nn.Module, norm_input: torch.Tensor,
+                     checkpointed: bool) -> Restore | None:
+        """How the fused plugin's backward recomputes ``norm(norm_input)``, its input.
+
+        Only when autograd records the block, outside ``with_cp``, and the plugin is the only one
+        there (its input is the norm's output). Otherwise None, and ``norm_input`` is not held:
+        in inference it is freed as soon as the norm has run, as in the unfused block.
+        """
+        if (checkpointed or len(plugin_names) != 1 or not torch.is_grad_enabled()
+                or self.fused_plugin(plugin_names) is None):
+            return None
+        return norm_restore(norm, norm_input)
+
+    def forward_residual(self, out: torch.Tensor, identity: torch.Tensor, plugin_names: list[str],
+                         restore: Restore | None) -> torch.Tensor:
+        """The plugins before the residual add, then ``out + identity``, fused where possible.
+
+        The block gives ``out`` up; ``restore`` comes from :meth:`restore_norm`.
+        """
+        last = self.fused_plugin(plugin_names)
+        if last is None:
+            out = self.forward_plugin(out, plugin_names)
+            out += identity
+            return out
+        out = self.forward_plugin(out, plugin_names[:-1])
+        return last.fused_residual(out, identity, restore)
+
 
 class AttnBasicBlock(_PluginPositions, BasicBlock):
-    """mmdet's BasicBlock with plugin positions (see the module docstring).
+    """mmdet's BasicBlock with plugin positions and fusion (see the module docstring).
 
     ``forward`` is mmdet's with the plugin calls added. With ``with_cp`` it uses the
     non-reentrant checkpoint that torch recommends (mmdet leaves the choice to torch's
@@ -69,22 +176,23 @@ class AttnBasicBlock(_PluginPositions, BasicBlock):
             identity = x
 
             out = self.conv1(x)
-            out = self.forward_plugin(out, self.after_conv1_pre_norm_plugin_names)
+            out = self.forward_owned_plugin(out, self.after_conv1_pre_norm_plugin_names)
             out = self.norm1(out)
             out = self.relu(out)
-            out = self.forward_plugin(out, self.after_conv1_plugin_names)
+            out = self.forward_owned_plugin(out, self.after_conv1_plugin_names)
 
             out = self.conv2(out)
+            restore = self.restore_norm(self.after_conv2_plugin_names, self.norm2, out,
+                                        checkpointed)
             out = self.norm2(out)
-            out = self.forward_plugin(out, self.after_conv2_plugin_names)
 
             if self.downsample is not None:
                 identity = self.downsample(x)
 
-            out += identity
-            return out
+            return self.forward_residual(out, identity, self.after_conv2_plugin_names, restore)
 
-        if self.with_cp and x.requires_grad:
+        checkpointed = self.with_cp and x.requires_grad
+        if checkpointed:
             out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
         else:
             out = _inner_forward(x)
@@ -92,7 +200,7 @@ class AttnBasicBlock(_PluginPositions, BasicBlock):
 
 
 class AttnBottleneck(_PluginPositions, Bottleneck):
-    """mmdet's Bottleneck with plugin positions (see the module docstring).
+    """mmdet's Bottleneck with plugin positions and fusion (see the module docstring).
 
     ``forward`` is mmdet's with the after_conv1_pre_norm call added; ``with_cp`` as in
     :class:`AttnBasicBlock`.
@@ -111,27 +219,28 @@ class AttnBottleneck(_PluginPositions, Bottleneck):
             identity = x
 
             out = self.conv1(x)
-            out = self.forward_plugin(out, self.after_conv1_pre_norm_plugin_names)
+            out = self.forward_owned_plugin(out, self.after_conv1_pre_norm_plugin_names)
             out = self.norm1(out)
             out = self.relu(out)
-            out = self.forward_plugin(out, self.after_conv1_plugin_names)
+            out = self.forward_owned_plugin(out, self.after_conv1_plugin_names)
 
             out = self.conv2(out)
             out = self.norm2(out)
             out = self.relu(out)
-            out = self.forward_plugin(out, self.after_conv2_plugin_names)
+            out = self.forward_owned_plugin(out, self.after_conv2_plugin_names)
 
             out = self.conv3(out)
+            restore = self.restore_norm(self.after_conv3_plugin_names, self.norm3, out,
+                                        checkpointed)
             out = self.norm3(out)
-            out = self.forward_plugin(out, self.after_conv3_plugin_names)
 
             if self.downsample is not None:
                 identity = self.downsample(x)
 
-            out += identity
-            return out
+            return self.forward_residual(out, identity, self.after_conv3_plugin_names, restore)
 
-        if self.with_cp and x.requires_grad:
+        checkpointed = self.with_cp and x.requires_grad
+        if checkpointed:
             out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
         else:
             out = _inner_forward(x)

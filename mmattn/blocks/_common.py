@@ -1,8 +1,11 @@
-"""Helpers shared by the blocks: argument checks and the fp32 statistics region."""
+"""Helpers shared by the blocks: argument checks, the fp32 statistics region, residual fusion."""
 import contextlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 
 def check_divisible(block: nn.Module, in_channels: int, **divisors: int) -> None:
@@ -29,5 +32,216 @@ def fp32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype statistics of ``x`` are taken in: fp32 for half precision, else x's own."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion: optional methods a backbone may call instead of ``block(x)``
+#
+# ``fused_residual(x, identity, restore=None)`` returns ``identity + block(x)``. A backbone that
+# owns the residual add (AttnBottleneck at 'after_conv3', AttnBasicBlock at 'after_conv2') calls
+# it instead of ``block(x)`` followed by ``+= identity``: the gate is applied inside the add and
+# no new feature map is allocated, because x (the backbone's own norm output, which it gives up)
+# is overwritten. ``restore`` says how to recompute x in backward from a tensor autograd keeps
+# anyway (the norm's input), so that x itself is not kept for backward.
+#
+# ``forward_inplace(x)`` returns ``block(x)`` for an x the caller gives up, and whose result it
+# does not modify in place; the block may overwrite x, and keep its output (which the next layer
+# keeps anyway) for backward instead of x.
+#
+# Both give the outputs and gradients of the plain calls, to within rounding.
+
+
+class Restore(NamedTuple):
+    """Recomputes a block's input in backward instead of keeping it for backward.
+
+    Attributes:
+        source (Tensor): A tensor autograd keeps anyway (a norm layer's input).
+        fn (Callable): ``fn(source)`` returns the block's input exactly as the forward pass saw
+            it; it is called without autograd, and may be called more than once.
+        affine (tuple[Tensor, Tensor], optional): ``(scale, shift)``, each (C, ), when the block's
+            input is ``source * scale + shift`` per channel to within rounding (a norm in eval
+            mode). A per-channel gate's gradient then needs only sums over ``source``, not the
+            input itself. Defaults to None.
+    """
+
+    source: torch.Tensor
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fn(self.source)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over H x W, (N, C, H, W) -> (N, C), in :func:`stat_dtype`.
+
+    A sum divided by H * W: its backward broadcasts the (N, C) gradient as a view, where the
+    backward of ``mean`` writes out a full (N, C, H, W) quotient.
+    """
+    return x.sum(dim=(2, 3), dtype=stat_dtype(x)) / (x.shape[2] * x.shape[3])
+
+
+def spatial_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over H x W, (N, C, H, W) -> (N, C), in :func:`stat_dtype`.
+
+    With autograd, a max with indices, whose backward keeps the (N, C) indices instead of x
+    (``amax`` keeps x); without, ``amax``, several times faster on the CPU.
+    """
+    if needs_grad(x):
+        return x.flatten(2).max(dim=2).values.to(stat_dtype(x))
+    return x.amax(dim=(2, 3)).to(stat_dtype(x))
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on, one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def grouped(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed so that ``gate`` broadcasts against it.
+
+    A gate with one dim more than x gates groups of channels: (N, G, 1, ...) against
+    x viewed as (N, G, C // G, ...).
+    """
+    if gate.dim() == x.dim() + 1:
+        return x.unflatten(1, (gate.shape[1], -1))
+    return x
+
+
+def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over H x W of ``a * b``, (N, C, H, W) -> (N, C, 1, 1).
+
+    A product and a sum: on the CPU that beats a batched matrix product of N * C dot products
+    several times over for large maps.
+    """
+    return (a * b).sum(dim=(2, 3), keepdim=True)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor,
+                   restore: Restore | None = None) -> torch.Tensor:
+    """``identity + x * gate`` written over ``x`` in one pass, for a backbone that gives ``x`` up.
+
+    ``gate`` broadcasts against ``x``, or against ``x`` split into groups (see :func:`grouped`);
+    it is cast to x's dtype. The sum is one ``addcmul`` pass (see :func:`multiply_add_`). With
+    autograd, backward keeps the gate and ``restore.source`` (or, without ``restore``, x, in
+    which case the sum goes to a new tensor), never the product.
+    """
+    gate = gate.to(x.dtype)
+    if not needs_grad(x, gate, identity):
+        return multiply_add_(x, gate, identity)
+    if restore is None:
+        return _GatedResidual.apply(x, gate, identity, None, None, None, None)
+    scale, shift = restore.affine if restore.affine is not None else (None, None)
+    return _GatedResidual.apply(x, gate, identity, restore.source, restore.fn, scale, shift)
+
+
+def multiply_add_(x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``identity + x * gate`` in one pass, written over ``x`` (or into ``out``).
+
+    One ``addcmul`` reads x and identity and writes once, where ``x * gate`` followed by
+    ``+= identity`` makes two passes; the product is not rounded on its own, so the sum may
+    differ from the two-pass one in the last bit (it is as close or closer to exact).
+    """
+    out = x if out is None else out
+    xg = grouped(x, gate)
+    torch.addcmul(grouped(identity, gate), xg, gate, out=grouped(out, gate))
+    return out
+
+
+class _GatedResidual(torch.autograd.Function):
+    """identity + x * gate, written over x when ``fn`` can recompute x from ``source``.
+
+    With ``scale`` and ``shift`` (x = source * scale + shift per channel) a per-channel gate's
+    gradient comes from two sums over ``source``, without recomputing x. Backward allocates one
+    feature map: the input's gradient, which first holds the products the gate's gradient sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor,
+                source: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+        ctx.fn = fn
+        ctx.affine = scale is not None and _per_channel(gate)
+        if fn is None:
+            ctx.save_for_backward(x, gate)
+            return multiply_add_(x, gate, identity, out=torch.empty_like(x))
+        ctx.save_for_backward(source, gate, scale, shift)
+        ctx.mark_dirty(x)
+        return multiply_add_(x, gate, identity)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        kept, gate, *affine = ctx.saved_tensors
+        grad_x = grad_gate = None
+        if ctx.needs_input_grad[1]:
+            if ctx.affine:
+                # sum(grad * (source * scale + shift)) over H x W, per channel.
+                scale, shift = (t.view(1, -1, 1, 1) for t in affine)
+                products = torch.mul(grad, kept)
+                grad_gate = (products.sum(dim=(2, 3), keepdim=True) * scale
+                             + grad.sum(dim=(2, 3), keepdim=True) * shift)
+            else:
+                x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
+                products = torch.mul(grad, x)
+                grad_gate = grouped(products, gate)
+            grad_gate = grad_gate.sum_to_size(gate.shape).to(gate.dtype)
+            if ctx.needs_input_grad[0] and products.dtype == grad.dtype:
+                grad_x = products  # no longer needed: reuse its memory
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(grad) if grad_x is None else grad_x
+            torch.mul(grouped(grad, gate), gate, out=grouped(grad_x, gate))
+        grad_identity = grad if ctx.needs_input_grad[2] else None
+        return grad_x, grad_gate, grad_identity, None, None, None, None
+
+
+def _per_channel(gate: torch.Tensor) -> bool:
+    """Whether ``gate`` is one factor per sample and channel, (N, C, 1, 1)."""
+    return gate.dim() == 4 and gate.shape[2:] == (1, 1)
+
+
+def scale_inplace(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale`` for a caller that gives ``x`` up and keeps the result unmodified.
+
+    ``scale`` is a per-channel (N, C, 1, 1) factor in x's dtype. Without autograd the product
+    is written over x. With autograd, backward keeps the product (which the next layer, a norm
+    or a conv, keeps anyway) and the scale instead of x: ``x * scale`` divided by ``scale`` is x
+    to within a rounding error, and where a scale is 0 the product holds nothing of x, so that
+    channel's scale gets gradient 0 (exact when the 0 comes from the gate's saturation, where
+    the gate's own derivative is 0 too).
+    """
+    if not needs_grad(x, scale):
+        return x.mul_(scale)
+    return _ScaleKeepOutput.apply(x, scale)
+
+
+class _ScaleKeepOutput(torch.autograd.Function):
+    """x * scale, keeping the product and the scale for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = x * scale
+        ctx.save_for_backward(out, scale)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        out, scale = ctx.saved_tensors
+        grad_x = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            # sum(grad * x) = sum(grad * out) / scale, per channel.
+            dot = channel_dot(grad, out)
+            grad_scale = torch.where(scale != 0, dot / scale, torch.zeros_like(dot))
+            grad_scale = grad_scale.sum_to_size(scale.shape)
+        return grad_x, grad_scale

@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import fp32_region, reduced_channels
+from ._common import fp32_region, reduced_channels, stat_dtype
 
 
 @MODELS.register_module()
@@ -125,7 +125,7 @@ class BottleneckAttention(BaseModule):
                 '(frozen BN, as for detection with 1 image per GPU), convert to SyncBN, '
                 'or train with at least 2 images per batch.')
         with fp32_region(x):
-            channel = gate_c(x.mean(dim=(2, 3), dtype=torch.float32))
+            channel = gate_c(x.mean(dim=(2, 3), dtype=stat_dtype(x)))
         spatial = self.spatial_att.gate_s(x)
         gate = (channel.to(x.dtype)[:, :, None, None] * spatial.to(x.dtype)).sigmoid_()
         return torch.addcmul(x, x, gate)

@@ -1,13 +1,25 @@
 """Convolutional Block Attention Module."""
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
 
-from ._common import fp32_region, reduced_channels
+from ._common import (
+    Restore,
+    channel_dot,
+    fp32_region,
+    multiply_add_,
+    needs_grad,
+    reduced_channels,
+    spatial_max,
+    spatial_mean,
+    stat_dtype,
+)
 
 
 class _ChannelGate(nn.Module):
@@ -24,8 +36,7 @@ class _ChannelGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with fp32_region(x):
             # Both descriptors through the shared MLP in one batch of 2N.
-            pooled = torch.cat([x.mean(dim=(2, 3), keepdim=True, dtype=torch.float32),
-                                x.amax(dim=(2, 3), keepdim=True).float()])
+            pooled = torch.cat([spatial_mean(x), spatial_max(x)])
             from_mean, from_max = self.mlp(pooled).chunk(2)
             gate = torch.sigmoid(from_mean + from_max).to(x.dtype)
         return gate[:, :, None, None]
@@ -41,10 +52,20 @@ class _SpatialGate(nn.Module):
             bn=build_norm_layer(norm_cfg, 1)[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.pool(x), x.dtype)
+
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        """[max, mean] over the channels, (N, 2, H, W) in fp32 (or x's wider dtype)."""
         with fp32_region(x):
-            pooled = torch.cat([x.amax(dim=1, keepdim=True).float(),
-                                x.mean(dim=1, keepdim=True, dtype=torch.float32)], dim=1)
-            return torch.sigmoid(self.spatial(pooled)).to(x.dtype)
+            dtype = stat_dtype(x)
+            return torch.cat([x.amax(dim=1, keepdim=True).to(dtype),
+                              x.mean(dim=1, keepdim=True, dtype=dtype)], dim=1)
+
+    def gate(self, pooled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The (N, 1, H, W) gate from the pooled maps, in ``dtype``."""
+        with fp32_region(pooled):
+            return torch.sigmoid(self.spatial(pooled)).to(dtype)
 
 
 @MODELS.register_module()
@@ -77,6 +98,11 @@ class ConvolutionalBlockAttention(BaseModule):
 
     Placement in the paper: after the last conv + BN of every residual block,
     before the identity is added (mmdet ResNet: ``position='after_conv3'``).
+
+    In :class:`~mmattn.backbones.AttnResNet` both gates are applied in place and
+    the spatial one inside the residual add (``fused_residual``); backward keeps
+    the two gates and the spatial pool's argmax, and recomputes the block's
+    input from bn3's input (see ``mmattn.blocks._common``).
 
     Args:
         in_channels (int): Channels C of the input.
@@ -127,3 +153,106 @@ class ConvolutionalBlockAttention(BaseModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.ChannelGate(x)
         return x * self.SpatialGate(x)
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``).
+
+        Both products are written over x. With autograd, backward keeps the two gates and the
+        spatial pool's argmax, plus ``restore.source`` (without ``restore``: x and x times the
+        channel gate), and recomputes x once for both gates' gradients.
+        """
+        channel = self.ChannelGate(x)
+        spatial_gate = self.SpatialGate
+        if not needs_grad(x, identity, channel, *spatial_gate.parameters()):
+            x = x.mul_(channel)
+            return multiply_add_(x, spatial_gate(x), identity)
+        source, fn = (restore.source, restore.fn) if restore is not None else (None, None)
+        shared: dict = {}  # the recomputed x, from the later function's backward to the earlier's
+        x, pooled = _ChannelProductPool.apply(x, channel, source, fn, shared)
+        spatial = spatial_gate.gate(pooled, x.dtype)
+        return _SpatialProductResidual.apply(x, spatial, identity, channel, source, fn, shared)
+
+
+def _recompute(kept: torch.Tensor, fn: Callable | None, shared: dict) -> torch.Tensor:
+    """The block's input x: the kept tensor, or recomputed (once) from it."""
+    if fn is None:
+        return kept
+    if 'x' not in shared:
+        shared['x'] = Restore(kept, fn)()
+    return shared['x']
+
+
+class _ChannelProductPool(torch.autograd.Function):
+    """x1 = x * channel gate, and [max, mean] of x1 over the channels (N, 2, H, W).
+
+    Keeps the channel gate, the argmax and x's source (or x); x1 is written over x when x can be
+    recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, channel: torch.Tensor, source: torch.Tensor | None,
+                fn: Callable | None, shared: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if fn is None:
+            product = x * channel
+        else:
+            ctx.mark_dirty(x)
+            product = x.mul_(channel)
+        with fp32_region(product):
+            dtype = stat_dtype(product)
+            peak, index = product.max(dim=1, keepdim=True)
+            pooled = torch.cat([peak.to(dtype), product.mean(dim=1, keepdim=True, dtype=dtype)],
+                               dim=1)
+        ctx.fn, ctx.shared = fn, shared
+        ctx.save_for_backward(x if fn is None else source, channel, index)
+        ctx.mark_non_differentiable(index)
+        return product, pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_product: torch.Tensor | None, grad_pooled: torch.Tensor | None):
+        kept, channel, index = ctx.saved_tensors
+        x = _recompute(kept, ctx.fn, ctx.shared)
+        ctx.shared.clear()
+        dtype = stat_dtype(x)
+        if grad_product is None:
+            grad_product = torch.zeros((), dtype=dtype, device=x.device)
+        if grad_pooled is None:
+            total = grad_product.to(dtype).expand(x.shape).clone()
+        else:
+            # The gradient reaching x1: its own, the mean's (spread over the channels) and the
+            # max's (at each position's argmax channel).
+            total = torch.add(grad_product, grad_pooled[:, 1:] / x.shape[1]).to(dtype)
+            total.scatter_add_(1, index, grad_pooled[:, :1].to(dtype))
+        grad_channel = channel_dot(total, x).to(channel.dtype)
+        grad_x = total.mul_(channel).to(x.dtype)
+        return grad_x, grad_channel, None, None, None
+
+
+class _SpatialProductResidual(torch.autograd.Function):
+    """identity + x1 * spatial gate, keeping the gates and x1's source (or x1)."""
+
+    @staticmethod
+    def forward(ctx, product: torch.Tensor, spatial: torch.Tensor, identity: torch.Tensor,
+                channel: torch.Tensor, source: torch.Tensor | None, fn: Callable | None,
+                shared: dict) -> torch.Tensor:
+        ctx.fn, ctx.shared = fn, shared
+        if fn is None:
+            ctx.save_for_backward(product, spatial, channel)
+            return torch.mul(product, spatial).add_(identity)
+        ctx.save_for_backward(source, spatial, channel)
+        ctx.mark_dirty(product)
+        return product.mul_(spatial).add_(identity)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        kept, spatial, channel = ctx.saved_tensors
+        product = kept if ctx.fn is None else _recompute(kept, ctx.fn, ctx.shared) * channel
+        # sum over the channels of grad * x1, then grad * spatial written into the same memory.
+        both = grad * product
+        grad_spatial = both.sum(dim=1, keepdim=True, dtype=stat_dtype(both)).to(spatial.dtype)
+        grad_product = torch.mul(grad, spatial, out=both) if both.dtype == grad.dtype \
+            else grad * spatial
+        grad_identity = grad if ctx.needs_input_grad[2] else None
+        return grad_product, grad_spatial, grad_identity, None, None, None, None

@@ -4,7 +4,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import fp32_region
+from ._common import Restore, fp32_region, gated_residual, scale_inplace, spatial_max, spatial_mean
 
 _MODES = ('cascade', 'plain')
 
@@ -46,6 +46,11 @@ class CompactGlobalDescriptor(BaseModule):
     Placement in the paper: right after the first conv of every residual
     block, before its BN (Bottleneck: conv1 -> CGD -> bn1 -> ReLU), all
     blocks of res2-res5.
+
+    There, :class:`~mmattn.backbones.AttnResNet` calls ``forward_inplace``:
+    the scale is applied in place without autograd, and with autograd the
+    backward keeps the output (which bn1 keeps anyway) instead of x (see
+    ``mmattn.blocks._common``).
 
     Args:
         in_channels (int): Channels C of the input.
@@ -94,14 +99,30 @@ class CompactGlobalDescriptor(BaseModule):
                 nn.init.xavier_uniform_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale(x)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``1 + gate`` as (N, C, 1, 1) in x's dtype: ``forward(x) == x * scale(x)``."""
         with fp32_region(x):
-            mean = x.mean(dim=(2, 3), dtype=torch.float32)
+            mean = spatial_mean(x)
             if self.mode == 'cascade':
-                gate = self._cascade_gate(mean, x.amax(dim=(2, 3)).float())
+                gate = self._cascade_gate(mean, spatial_max(x))
             else:
                 gate = torch.tanh(mean * (mean @ self.w0))
-            scale = (1 + gate).to(x.dtype)
-        return x * scale[:, :, None, None]
+            return (1 + gate).to(x.dtype)[:, :, None, None]
+
+    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` for a backbone that gives ``x`` up (see ``blocks._common``).
+
+        At the paper's place the output goes to a BN, which keeps it for backward; this keeps
+        that output too, instead of x.
+        """
+        return scale_inplace(x, self.scale(x))
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
+        return gated_residual(x, self.scale(x), identity, restore)
 
     def _cascade_gate(self, mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         c = self.in_channels

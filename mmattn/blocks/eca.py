@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import fp32_region
+from ._common import Restore, fp32_region, gated_residual, spatial_mean
 
 
 def eca_kernel_size(in_channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -42,6 +42,10 @@ class EfficientChannelAttention(BaseModule):
 
     Placement in the paper: after the last conv + BN of every residual block,
     before the identity is added (mmdet ResNet: ``position='after_conv3'``).
+    In :class:`~mmattn.backbones.AttnResNet` the gate is applied inside the
+    residual add (``fused_residual``: no new feature map), and backward
+    recomputes the block's input from bn3's input instead of keeping it
+    (see ``mmattn.blocks._common``); outputs and gradients are the same.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -82,7 +86,16 @@ class EfficientChannelAttention(BaseModule):
             self.conv.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale(x)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate y as (N, C, 1, 1) in x's dtype: ``forward(x) == x * scale(x)``."""
         with fp32_region(x):
-            pooled = x.mean(dim=(2, 3), dtype=torch.float32)
+            pooled = spatial_mean(x)
             gate = torch.sigmoid(self.conv(pooled[:, None])).to(x.dtype)
-        return x * gate[:, 0, :, None, None]
+        return gate[:, 0, :, None, None]
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
+        return gated_residual(x, self.scale(x), identity, restore)

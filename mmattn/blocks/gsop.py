@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import fp32_region
+from ._common import Restore, fp32_region, gated_residual, stat_dtype
 
 # The authors' fusion modes, by our name: '1', '2', '+' and 'M' in their code.
 _MODES = ('channel', 'position', 'sum', 'max')
@@ -65,6 +65,11 @@ class GlobalSecondOrderPooling(BaseModule):
     ``position='after_conv3'``, restricted to the last block). GSoP-Net1 also
     runs stage 4 at stride 1 on ImageNet; detection backbones keep the standard
     strides.
+
+    In :class:`~mmattn.backbones.AttnResNet` the channel gate is applied inside
+    the residual add (``fused_residual``), and backward recomputes the block's
+    input from bn3's input instead of keeping it (see
+    ``mmattn.blocks._common``).
 
     Args:
         in_channels (int): Channels C of the input.
@@ -145,6 +150,23 @@ class GlobalSecondOrderPooling(BaseModule):
         s = self.dr_stride
         if self.mode == 'channel':
             return x * self._channel_attention(F.relu(x[:, :, ::s, ::s])).to(x.dtype)
+        return self._position_modes(x)
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``).
+
+        The channel gate is applied inside the add; the other modes add their output.
+        """
+        if self.mode != 'channel':
+            return self._position_modes(x).add_(identity)
+        s = self.dr_stride
+        gate = self._channel_attention(F.relu(x[:, :, ::s, ::s]))
+        return gated_residual(x, gate, identity, restore)
+
+    def _position_modes(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() of the position, sum and max modes."""
+        s = self.dr_stride
         rectified = F.relu(x)
         # relu(x * att) == relu(x) * att because att >= 0.
         position = rectified * self._position_attention(rectified).to(x.dtype)
@@ -159,7 +181,7 @@ class GlobalSecondOrderPooling(BaseModule):
         """(N, C, H', W') rectified, subsampled input -> (N, C, 1, 1) fp32 gate."""
         reduced = self.conv_for_DR(rectified)
         with fp32_region(reduced):
-            reduced = F.relu(self._normalise(self.bn_for_DR, reduced.float()))
+            reduced = F.relu(self._normalise(self.bn_for_DR, reduced.to(stat_dtype(reduced))))
             n, d, h, w = reduced.shape
             flat = reduced.reshape(n, d, h * w)
             centred = flat - flat.mean(dim=2, keepdim=True)
@@ -171,7 +193,7 @@ class GlobalSecondOrderPooling(BaseModule):
         """(N, C, H, W) rectified input -> (N, 1, H, W) fp32 gate."""
         reduced = self.conv_for_DR_spatial(rectified)
         with fp32_region(reduced):
-            reduced = self._normalise(self.bn_for_DR_spatial, reduced.float())
+            reduced = self._normalise(self.bn_for_DR_spatial, reduced.to(stat_dtype(reduced)))
             grid = F.adaptive_avg_pool2d(reduced, _GRID).flatten(2)
             cells = _GRID * _GRID
             # The authors' cov_feature: X^T (I / M - 1 1^T / M^2) X with M = 64

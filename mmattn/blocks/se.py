@@ -5,7 +5,7 @@ from mmcv.cnn import build_activation_layer
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import fp32_region, reduced_channels
+from ._common import Restore, fp32_region, gated_residual, reduced_channels, spatial_mean
 
 
 @MODELS.register_module()
@@ -22,6 +22,10 @@ class SqueezeExcitation(BaseModule):
 
     Placement in the paper: after the last conv + BN of every residual block,
     before the identity is added (mmdet ResNet: ``position='after_conv3'``).
+    In :class:`~mmattn.backbones.AttnResNet` the gate is applied inside the
+    residual add (``fused_residual``: no new feature map), and backward
+    recomputes the block's input from bn3's input instead of keeping it
+    (see ``mmattn.blocks._common``); outputs and gradients are the same.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -60,9 +64,17 @@ class SqueezeExcitation(BaseModule):
                 layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale(x)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate y as (N, C, 1, 1) in x's dtype: ``forward(x) == x * scale(x)``."""
         with fp32_region(x):
-            squeezed = x.mean(dim=(2, 3), dtype=torch.float32)
+            squeezed = spatial_mean(x)
         # A model cast to half without autocast has half weights: meet them in their dtype.
         squeezed = squeezed.to(self.fc[0].weight.dtype)
-        scale = self.gate(self.fc(squeezed)).to(x.dtype)
-        return x * scale[:, :, None, None]
+        return self.gate(self.fc(squeezed)).to(x.dtype)[:, :, None, None]
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
+        return gated_residual(x, self.scale(x), identity, restore)

@@ -1,10 +1,21 @@
 """Spatial Group-wise Enhance."""
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
 
-from ._common import check_divisible, fp32_region
+from ._common import (
+    Restore,
+    check_divisible,
+    fp32_region,
+    grouped,
+    multiply_add_,
+    needs_grad,
+    stat_dtype,
+)
 
 
 @MODELS.register_module()
@@ -31,6 +42,12 @@ class SpatialGroupEnhance(BaseModule):
     Placement in the paper: after the last conv + BN of every residual block
     of all four stages, before the identity is added (mmdet ResNet:
     ``position='after_conv3'``).
+
+    A custom autograd function keeps only x (or, fused in
+    :class:`~mmattn.backbones.AttnResNet`, what recomputes x from bn3's input)
+    and per-group statistics for backward, and recomputes the scores there;
+    in AttnResNet the gate is applied inside the residual add
+    (``fused_residual``, see ``mmattn.blocks._common``).
 
     Args:
         in_channels (int): Channels C of the input.
@@ -65,25 +82,136 @@ class SpatialGroupEnhance(BaseModule):
             nn.init.ones_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        positions = h * w
-        grouped = x.reshape(n, self.groups, c // self.groups, positions)
+        return _spatial_group_enhance(self, x, None, None)
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
+        return _spatial_group_enhance(self, x, identity, restore)
+
+
+def _spatial_group_enhance(block: SpatialGroupEnhance, x: torch.Tensor,
+                           identity: torch.Tensor | None,
+                           restore: Restore | None) -> torch.Tensor:
+    """``x * gate`` (plus ``identity``, written over x when autograd does not need x)."""
+    if needs_grad(x, block.weight, block.bias, identity):
+        source, fn = (restore.source, restore.fn) if restore is not None else (None, None)
+        return _GroupEnhance.apply(x, block.weight, block.bias, identity, source, fn,
+                                   block.groups, block.eps)
+    with fp32_region(x):
+        gate = _gate(_grouped(x, block.groups), block.weight, block.bias, block.eps)[0]
+    gate = _per_position(gate.to(x.dtype), x)
+    if identity is None:
+        return (grouped(x, gate) * gate).flatten(1, 2)
+    return multiply_add_(x, gate, identity)
+
+
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, G, C / G, H * W), a view where the strides allow."""
+    return x.unflatten(1, (groups, -1)).flatten(3)
+
+
+def _per_position(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (N, G, 1, HW) gate as (N, G, 1, H, W), which broadcasts against grouped x."""
+    return gate.unflatten(3, x.shape[2:])
+
+
+def _gate(xg: torch.Tensor, weight: torch.Tensor,
+          bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]:
+    """The fp32 gate (N, G, 1, HW) of grouped x, with the centres, centred scores, and the
+    scores' means and stds."""
+    xf = xg.to(stat_dtype(xg))
+    centre = xf.mean(dim=3, keepdim=True)
+    # (N, G, 1, HW): each position's dot product with its group mean.
+    score = torch.matmul(centre.transpose(2, 3), xf)
+    mean = score.mean(dim=3, keepdim=True)
+    score = score.sub_(mean)
+    # The unbiased std as a norm (torch.var_mean is many times slower on the CPU); a lone
+    # position has spread 0, so its normalised score is 0.
+    std = torch.linalg.vector_norm(score, dim=3, keepdim=True) / max(xg.shape[3] - 1, 1) ** 0.5
+    return _activate(score, std, weight, bias, eps), centre, score, mean, std
+
+
+def _activate(centred: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigmoid(centred / (std + eps) * weight + bias), as one multiply-add per position."""
+    groups = centred.shape[1]
+    scale = weight.to(centred.dtype).view(1, groups, 1, 1) / (std + eps)
+    return torch.addcmul(bias.to(centred.dtype).view(1, groups, 1, 1), centred,
+                         scale).sigmoid_()
+
+
+class _GroupEnhance(torch.autograd.Function):
+    """SGE's ``x * gate`` (+ identity) whose backward keeps x, or what restores it, and the
+    per-group centres and the scores' means and stds; scores and gate are recomputed from x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                identity: torch.Tensor | None, source: torch.Tensor | None,
+                fn: Callable[[torch.Tensor], torch.Tensor] | None, groups: int,
+                eps: float) -> torch.Tensor:
+        xg = _grouped(x, groups)
         with fp32_region(x):
-            xg = grouped.float()
-            centre = xg.mean(dim=3, keepdim=True)
-            # (N, G, 1, HW): each position's dot product with its group mean.
-            score = torch.matmul(centre.transpose(2, 3), xg)
-            score = score - score.mean(dim=3, keepdim=True)
-            # Unbiased variance; max(., 1) makes a lone position score 0
-            # instead of 0 / 0.
-            var = score.square().sum(dim=3, keepdim=True) / max(positions - 1, 1)
-            # sqrt has an infinite slope at 0, and an all-zero input is common at init
-            # (mmdet's zero_init_residual makes bn3 output 0): take the std's gradient
-            # there as 0, keeping the forward value exactly sqrt(var).
-            spread = var > 0
-            std = torch.where(spread, var, torch.ones_like(var)).sqrt() * spread
-            score = score / (std + self.eps)
-            weight = self.weight.float().view(1, self.groups, 1, 1)
-            bias = self.bias.float().view(1, self.groups, 1, 1)
-            gate = torch.sigmoid(score * weight + bias)
-        return (grouped * gate.to(x.dtype)).reshape(n, c, h, w)
+            gate, centre, _, mean, std = _gate(xg, weight, bias, eps)
+        ctx.fn, ctx.groups, ctx.eps = fn, groups, eps
+        ctx.save_for_backward(x if fn is None else source, weight, bias, centre, mean, std)
+        gate = _per_position(gate.to(x.dtype), x)
+        if fn is None or identity is None:
+            out = torch.empty_like(x)
+            torch.mul(grouped(x, gate), gate, out=grouped(out, gate))
+        else:
+            ctx.mark_dirty(x)
+            grouped(x, gate).mul_(gate)
+            out = x
+        return out if identity is None else out.add_(identity)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        kept, weight, bias, centre, mean, std = ctx.saved_tensors
+        x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
+        groups, eps = ctx.groups, ctx.eps
+        xg, dg = _grouped(x, groups), _grouped(grad, groups)
+        positions = xg.shape[3]
+        xf = xg.to(centre.dtype)
+        # The forward's scores and gate again, from x and the kept centres, means and stds.
+        score = torch.matmul(centre.transpose(2, 3), xf).sub_(mean)
+        gate = _activate(score, std, weight, bias, eps)
+        denom = std + eps
+        normed = score / denom
+        w = weight.to(xf.dtype).view(1, groups, 1, 1)
+
+        # out = x * gate: the gate's gradient sums over each group's channels.
+        product = dg * xg
+        grad_gate = product.sum(dim=2, keepdim=True, dtype=xf.dtype)
+        grad_logit = grad_gate * gate * (1 - gate)
+        grad_weight = (grad_logit * normed).sum(dim=(0, 2, 3)).view_as(weight)
+        grad_bias = grad_logit.sum(dim=(0, 2, 3)).view_as(bias)
+        # normed = score / (std + eps), std = sqrt(sum(score^2) / (HW - 1)), score centred;
+        # the std's gradient is taken as 0 where it is 0 (an all-equal group).
+        grad_normed = grad_logit * w
+        grad_denom = -(grad_normed * score).sum(dim=3, keepdim=True) / denom.square()
+        grad_var = torch.where(std > 0, grad_denom / (2 * std).clamp_min(1e-38),
+                               torch.zeros_like(std))
+        grad_score = grad_normed / denom + grad_var * (2 / max(positions - 1, 1)) * score
+        grad_score = grad_score - grad_score.mean(dim=3, keepdim=True)
+        # score = centre^T x and centre = mean of x over the positions.
+        grad_centre = torch.matmul(xf, grad_score.transpose(2, 3)) / positions
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # x * gate's own term, then the rank-2 update [centre, grad_centre] [grad_score; 1],
+            # written into the product's memory, which is no longer needed.
+            n, g, cg, m = xg.shape
+            left = torch.cat([centre, grad_centre], dim=3).view(n * g, cg, 2)
+            right = torch.cat([grad_score, torch.ones_like(grad_score)], dim=2).view(n * g, 2, m)
+            if product.dtype == xf.dtype:
+                out = torch.mul(dg, gate, out=product)
+                out.view(n * g, cg, m).baddbmm_(left, right)
+            else:
+                out = (dg.to(xf.dtype) * gate).view(n * g, cg, m).baddbmm_(left, right)
+            grad_x = out.view(grad.shape).to(grad.dtype)
+        grad_identity = grad if ctx.needs_input_grad[3] else None
+        return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), grad_identity,
+                None, None, None, None)
