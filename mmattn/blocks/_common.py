@@ -53,7 +53,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 #
 # ``forward_inplace(x)`` returns ``block(x)`` for an x the caller gives up, and whose result it
 # does not modify in place; the block may overwrite x, and keep its output (which the next layer
-# keeps anyway) for backward instead of x.
+# keeps anyway) for backward instead of x (see ``blocks._channel_gate.gate_inplace``).
 #
 # Both give the outputs and gradients of the plain calls, to within rounding.
 
@@ -207,41 +207,3 @@ class _GatedResidual(torch.autograd.Function):
 def _per_channel(gate: torch.Tensor) -> bool:
     """Whether ``gate`` is one factor per sample and channel, (N, C, 1, 1)."""
     return gate.dim() == 4 and gate.shape[2:] == (1, 1)
-
-
-def scale_inplace(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * scale`` for a caller that gives ``x`` up and keeps the result unmodified.
-
-    ``scale`` is a per-channel (N, C, 1, 1) factor in x's dtype. Without autograd the product
-    is written over x. With autograd, backward keeps the product (which the next layer, a norm
-    or a conv, keeps anyway) and the scale instead of x: ``x * scale`` divided by ``scale`` is x
-    to within a rounding error, and where a scale is 0 the product holds nothing of x, so that
-    channel's scale gets gradient 0 (exact when the 0 comes from the gate's saturation, where
-    the gate's own derivative is 0 too).
-    """
-    if not needs_grad(x, scale):
-        return x.mul_(scale)
-    return _ScaleKeepOutput.apply(x, scale)
-
-
-class _ScaleKeepOutput(torch.autograd.Function):
-    """x * scale, keeping the product and the scale for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        out = x * scale
-        ctx.save_for_backward(out, scale)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        out, scale = ctx.saved_tensors
-        grad_x = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            # sum(grad * x) = sum(grad * out) / scale, per channel.
-            dot = channel_dot(grad, out)
-            grad_scale = torch.where(scale != 0, dot / scale, torch.zeros_like(dot))
-            grad_scale = grad_scale.sum_to_size(scale.shape)
-        return grad_x, grad_scale

@@ -4,7 +4,8 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import Restore, fp32_region, gated_residual, scale_inplace, spatial_max, spatial_mean
+from ._channel_gate import gate_inplace, gate_residual, pooled_gate
+from ._common import Restore
 
 _MODES = ('cascade', 'plain')
 
@@ -98,31 +99,31 @@ class CompactGlobalDescriptor(BaseModule):
             else:
                 nn.init.xavier_uniform_(param)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale(x)
+    @property
+    def pools_max(self) -> bool:
+        return self.mode == 'cascade'
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """``1 + gate`` as (N, C, 1, 1) in x's dtype: ``forward(x) == x * scale(x)``."""
-        with fp32_region(x):
-            mean = spatial_mean(x)
-            if self.mode == 'cascade':
-                gate = self._cascade_gate(mean, spatial_max(x))
-            else:
-                gate = torch.tanh(mean * (mean @ self.w0))
-            return (1 + gate).to(x.dtype)[:, :, None, None]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * pooled_gate(self, x)
+
+    def gate_from_pools(self, mean: torch.Tensor, peak: torch.Tensor | None) -> torch.Tensor:
+        """(N, C) spatial means (and maxima) -> the (N, C) scale ``1 + gate``."""
+        if self.mode == 'cascade':
+            return 1 + self._cascade_gate(mean, peak)
+        return 1 + torch.tanh(mean * (mean @ self.w0))
 
     def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(x)`` for a backbone that gives ``x`` up (see ``blocks._common``).
+        """``forward(x)`` for a backbone that gives ``x`` up (see ``blocks._channel_gate``).
 
         At the paper's place the output goes to a BN, which keeps it for backward; this keeps
         that output too, instead of x.
         """
-        return scale_inplace(x, self.scale(x))
+        return gate_inplace(self, x)
 
     def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
                        restore: Restore | None = None) -> torch.Tensor:
         """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
-        return gated_residual(x, self.scale(x), identity, restore)
+        return gate_residual(self, x, identity, restore)
 
     def _cascade_gate(self, mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         c = self.in_channels

@@ -6,7 +6,8 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import Restore, fp32_region, gated_residual, spatial_mean
+from ._channel_gate import gate_residual, pooled_gate
+from ._common import Restore
 
 
 def eca_kernel_size(in_channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -85,17 +86,16 @@ class EfficientChannelAttention(BaseModule):
             # PyTorch's default Conv1d init, as the reference code uses.
             self.conv.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale(x)
+    pools_max = False
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate y as (N, C, 1, 1) in x's dtype: ``forward(x) == x * scale(x)``."""
-        with fp32_region(x):
-            pooled = spatial_mean(x)
-            gate = torch.sigmoid(self.conv(pooled[:, None])).to(x.dtype)
-        return gate[:, 0, :, None, None]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * pooled_gate(self, x)
+
+    def gate_from_pools(self, mean: torch.Tensor, peak: None = None) -> torch.Tensor:
+        """(N, C) spatial means -> the (N, C) gate (see ``blocks._channel_gate``)."""
+        return torch.sigmoid(self.conv(mean[:, None]))[:, 0]
 
     def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
                        restore: Restore | None = None) -> torch.Tensor:
         """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
-        return gated_residual(x, self.scale(x), identity, restore)
+        return gate_residual(self, x, identity, restore)

@@ -5,7 +5,8 @@ from mmcv.cnn import build_activation_layer
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import Restore, fp32_region, gated_residual, reduced_channels, spatial_mean
+from ._channel_gate import gate_residual, pooled_gate
+from ._common import Restore, reduced_channels
 
 
 @MODELS.register_module()
@@ -63,18 +64,17 @@ class SqueezeExcitation(BaseModule):
             for layer in (self.fc[0], self.fc[2]):
                 layer.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale(x)
+    pools_max = False
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate y as (N, C, 1, 1) in x's dtype: ``forward(x) == x * scale(x)``."""
-        with fp32_region(x):
-            squeezed = spatial_mean(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * pooled_gate(self, x)
+
+    def gate_from_pools(self, mean: torch.Tensor, peak: None = None) -> torch.Tensor:
+        """(N, C) spatial means -> the (N, C) gate (see ``blocks._channel_gate``)."""
         # A model cast to half without autocast has half weights: meet them in their dtype.
-        squeezed = squeezed.to(self.fc[0].weight.dtype)
-        return self.gate(self.fc(squeezed)).to(x.dtype)[:, :, None, None]
+        return self.gate(self.fc(mean.to(self.fc[0].weight.dtype)))
 
     def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
                        restore: Restore | None = None) -> torch.Tensor:
         """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
-        return gated_residual(x, self.scale(x), identity, restore)
+        return gate_residual(self, x, identity, restore)

@@ -3,8 +3,15 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from mmattn.blocks import ConvolutionalBlockAttention, SpatialGroupEnhance
-from mmattn.blocks._common import Restore, gated_residual, scale_inplace
+from mmattn.blocks import (
+    CompactGlobalDescriptor,
+    ConvolutionalBlockAttention,
+    EfficientChannelAttention,
+    SpatialGroupEnhance,
+    SqueezeExcitation,
+)
+from mmattn.blocks._channel_gate import gate_inplace, gate_residual
+from mmattn.blocks._common import Restore, gated_residual
 from mmattn.blocks.sge import _GroupEnhance
 
 SHAPES = [(2, 8, 3, 5), (1, 8, 1, 1), (2, 8, 2, 1)]
@@ -31,17 +38,71 @@ def test_gated_residual_gradcheck(gate_shape, with_restore):
     assert gradcheck(fn, (doubled(2, 8, 3, 5), doubled(*gate_shape), doubled(2, 8, 3, 5)))
 
 
-def test_scale_inplace_gradcheck_keeps_the_output():
-    scale = (torch.rand(2, 8, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
-    assert gradcheck(lambda x, s: scale_inplace(x * 1, s), (doubled(2, 8, 3, 5), scale))
+def channel_gates():
+    """SE, ECA and CGD (cascade: mean and max pools) in float64, away from their init."""
+    blocks = [SqueezeExcitation(8, rd_ratio=1 / 4), EfficientChannelAttention(8),
+              CompactGlobalDescriptor(8), CompactGlobalDescriptor(8, mode='plain')]
+    for block in blocks:
+        block.double()
+        with torch.no_grad():
+            for param in block.parameters():
+                param.normal_(0, 0.5)
+    return blocks
 
 
-def test_scale_inplace_gives_zero_gradient_to_a_zero_scale():
+GATE_IDS = ['se', 'eca', 'cgd_cascade', 'cgd_plain']
+
+
+@pytest.mark.parametrize('keep', ['x', 'restore_fn', 'restore_affine'])
+@pytest.mark.parametrize('index', range(4), ids=GATE_IDS)
+def test_gate_residual_gradcheck(index, keep):
+    block = channel_gates()[index]
+    scale = torch.rand(1, 8, 1, 1, dtype=torch.float64) + 0.5
+    shift = torch.randn(1, 8, 1, 1, dtype=torch.float64)
+    params = list(block.parameters())
+
+    def fn(source, identity, *params):
+        x = source * scale + shift  # the backbone's norm output, which it gives up
+        if keep == 'x':
+            return gate_residual(block, x, identity)
+        affine = (scale.flatten(), shift.flatten()) if keep == 'restore_affine' else None
+        restore = Restore(source, lambda s: s * scale + shift, affine)
+        return gate_residual(block, x, identity, restore)
+    assert gradcheck(fn, (doubled(2, 8, 3, 5), doubled(2, 8, 3, 5), *params))
+
+
+@pytest.mark.parametrize('index', range(4), ids=GATE_IDS)
+def test_gate_inplace_gradcheck_keeps_the_output(index):
+    block = channel_gates()[index]
+    params = list(block.parameters())
+    assert gradcheck(lambda x, *params: gate_inplace(block, x * 1), (doubled(2, 8, 3, 5), *params))
+
+
+@pytest.mark.parametrize('index', range(4), ids=GATE_IDS)
+def test_gate_functions_equal_the_modules_forward_and_backward(index):
+    # Against block(x) + identity written with plain autograd ops (pooled_gate).
+    block = channel_gates()[index]
+    x, identity = doubled(2, 8, 4, 6), doubled(2, 8, 4, 6)
+    upstream = torch.randn(2, 8, 4, 6, dtype=torch.float64)
+    inputs = [x, identity, *block.parameters()]
+    expected = block(x) + identity
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+    actual = gate_residual(block, x * 1, identity)
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_gate_inplace_gives_zero_gradient_where_the_gate_is_zero():
+    # CGD plain: 1 + tanh(...) is 0 nowhere in practice; force it with a huge negative weight.
+    block = CompactGlobalDescriptor(2, mode='plain').double()
     x = doubled(1, 2, 3, 3)
-    scale = torch.tensor([0.0, 1.5], dtype=torch.float64).view(1, 2, 1, 1).requires_grad_()
-    scale_inplace(x * 1, scale).sum().backward()
-    assert scale.grad[0, 0].item() == 0
-    torch.testing.assert_close(scale.grad[0, 1].item(), x[0, 1].sum().item())
+    with torch.no_grad():
+        x[0, 0] = x[0, 0].abs() + 1  # channel 0: positive mean, so tanh saturates at -1
+        block.w0.fill_(-1e6)
+    gate_inplace(block, x * 1).sum().backward()
+    assert torch.isfinite(block.w0.grad).all() and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize('identity', [False, True], ids=['alone', 'with_identity'])
