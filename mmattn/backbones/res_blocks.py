@@ -82,6 +82,25 @@ def norm_restore(norm: nn.Module, norm_input: torch.Tensor) -> Restore | None:
     return Restore(norm_input, fn, affine)
 
 
+def frozen_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)``, each (C, ), with ``norm(x) == x * scale + shift`` per channel.
+
+    For a batch norm that uses its running statistics (eval mode, as mmdet's ``norm_eval=True``
+    keeps every BN of a detection backbone) and has no hooks; else None. The two carry autograd
+    to the norm's weight and bias, so a block that folds the norm in still trains them.
+    """
+    if (not isinstance(norm, _BatchNorm) or norm.training or norm.running_mean is None
+            or norm.running_var is None or _has_hooks(norm)):
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or nn.modules.module._global_forward_hooks
@@ -145,6 +164,44 @@ class _PluginPositions:
             return None
         return norm_restore(norm, norm_input)
 
+    def lone_plugin(self, plugin_names: list[str], method: str) -> nn.Module | None:
+        """The one plugin at a position, if it offers ``method`` and has no hooks."""
+        if len(plugin_names) != 1:
+            return None
+        plugin = getattr(self, plugin_names[0])
+        return plugin if hasattr(plugin, method) and not _has_hooks(plugin) else None
+
+    def plugins_then_norm(self, out: torch.Tensor, plugin_names: list[str],
+                          norm: nn.Module) -> torch.Tensor:
+        """``norm(plugins(out))`` (after_conv1_pre_norm), for an ``out`` the block gives up.
+
+        A lone plugin that offers ``fused_pre_norm`` gets a frozen norm folded in (see
+        :func:`frozen_affine`): one pass for the gate and the norm.
+        """
+        plugin = self.lone_plugin(plugin_names, 'fused_pre_norm')
+        affine = None if plugin is None else frozen_affine(norm)
+        if affine is None:
+            return norm(self.forward_owned_plugin(out, plugin_names))
+        return plugin.fused_pre_norm(out, *affine)
+
+    def norm_then_residual(self, out: torch.Tensor, identity: torch.Tensor,
+                           plugin_names: list[str], norm: nn.Module,
+                           checkpointed: bool) -> torch.Tensor:
+        """``plugins(norm(out)) + identity``, for an ``out`` (the last conv's) the block gives up.
+
+        With autograd, a lone plugin that offers ``fused_norm_residual`` gets a frozen norm
+        folded in (see :func:`frozen_affine`), so the norm's own backward disappears into the
+        gate's. Otherwise the norm runs, then :meth:`forward_residual`.
+        """
+        plugin = self.lone_plugin(plugin_names, 'fused_norm_residual')
+        affine = None
+        if plugin is not None and torch.is_grad_enabled():
+            affine = frozen_affine(norm)
+        if affine is not None:
+            return plugin.fused_norm_residual(out, *affine, identity)
+        restore = self.restore_norm(plugin_names, norm, out, checkpointed)
+        return self.forward_residual(norm(out), identity, plugin_names, restore)
+
     def forward_residual(self, out: torch.Tensor, identity: torch.Tensor, plugin_names: list[str],
                          restore: Restore | None) -> torch.Tensor:
         """The plugins before the residual add, then ``out + identity``, fused where possible.
@@ -176,20 +233,16 @@ class AttnBasicBlock(_PluginPositions, BasicBlock):
             identity = x
 
             out = self.conv1(x)
-            out = self.forward_owned_plugin(out, self.after_conv1_pre_norm_plugin_names)
-            out = self.norm1(out)
+            out = self.plugins_then_norm(out, self.after_conv1_pre_norm_plugin_names, self.norm1)
             out = self.relu(out)
             out = self.forward_owned_plugin(out, self.after_conv1_plugin_names)
 
             out = self.conv2(out)
-            restore = self.restore_norm(self.after_conv2_plugin_names, self.norm2, out,
-                                        checkpointed)
-            out = self.norm2(out)
-
             if self.downsample is not None:
                 identity = self.downsample(x)
 
-            return self.forward_residual(out, identity, self.after_conv2_plugin_names, restore)
+            return self.norm_then_residual(out, identity, self.after_conv2_plugin_names,
+                                           self.norm2, checkpointed)
 
         checkpointed = self.with_cp and x.requires_grad
         if checkpointed:
@@ -219,8 +272,7 @@ class AttnBottleneck(_PluginPositions, Bottleneck):
             identity = x
 
             out = self.conv1(x)
-            out = self.forward_owned_plugin(out, self.after_conv1_pre_norm_plugin_names)
-            out = self.norm1(out)
+            out = self.plugins_then_norm(out, self.after_conv1_pre_norm_plugin_names, self.norm1)
             out = self.relu(out)
             out = self.forward_owned_plugin(out, self.after_conv1_plugin_names)
 
@@ -230,14 +282,11 @@ class AttnBottleneck(_PluginPositions, Bottleneck):
             out = self.forward_owned_plugin(out, self.after_conv2_plugin_names)
 
             out = self.conv3(out)
-            restore = self.restore_norm(self.after_conv3_plugin_names, self.norm3, out,
-                                        checkpointed)
-            out = self.norm3(out)
-
             if self.downsample is not None:
                 identity = self.downsample(x)
 
-            return self.forward_residual(out, identity, self.after_conv3_plugin_names, restore)
+            return self.norm_then_residual(out, identity, self.after_conv3_plugin_names,
+                                           self.norm3, checkpointed)
 
         checkpointed = self.with_cp and x.requires_grad
         if checkpointed:

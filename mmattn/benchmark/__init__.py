@@ -5,5 +5,5 @@
 from .report import check_targets, cost_share, machine_line, markdown, merge
 from .suite import BLOCKS, BlockSpec, Setting, default_settings, run
 
-__all__ = ['BLOCKS', 'BlockSpec', 'Setting', 'check_targets', 'cost_share', 'default_settings', 'machine_line',
-           'markdown', 'merge', 'run']
+__all__ = ['BLOCKS', 'BlockSpec', 'Setting', 'check_targets', 'cost_share', 'default_settings',
+           'machine_line', 'markdown', 'merge', 'run']

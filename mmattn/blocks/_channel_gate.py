@@ -11,7 +11,9 @@ in the forward pass and differentiated with :func:`torch.autograd.grad` in backw
 module may compute it, including one with BN.
 
 A block opts in by defining ``pools_max`` (bool) and ``gate_from_pools(mean, peak)``: (N, C)
-statistics in fp32 (x's dtype if wider) -> the (N, C) gate, ``peak`` None unless ``pools_max``.
+statistics in fp32 (x's dtype if wider) -> the (N, C) gate, ``peak`` None unless ``pools_max``;
+:class:`PooledGateMixin` (or :class:`MeanGateMixin`) then gives it ``forward`` and the methods a
+backbone fuses with (see ``mmattn.blocks._common``).
 """
 from collections.abc import Callable
 
@@ -19,7 +21,73 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from ._common import Restore, fp32_region, multiply_add_, needs_grad, spatial_mean, stat_dtype
+from ._common import (
+    Restore,
+    channel_affine,
+    fp32_region,
+    multiply_add_,
+    needs_grad,
+    spatial_mean,
+    stat_dtype,
+)
+
+
+class PooledGateMixin:
+    """``forward`` and the fused entry points of a block defined by ``gate_from_pools``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * pooled_gate(self, x)
+
+    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
+                       restore: Restore | None = None) -> torch.Tensor:
+        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
+        return gate_residual(self, x, identity, restore)
+
+    def fused_pre_norm(self, x: torch.Tensor, scale: torch.Tensor,
+                       shift: torch.Tensor) -> torch.Tensor:
+        """``self(x) * scale + shift``: a frozen BN after the block folded in (see
+        :func:`gate_norm`)."""
+        return gate_norm(self, x, scale, shift)
+
+
+class MeanGateMixin(PooledGateMixin):
+    """:class:`PooledGateMixin` for a gate of spatial means only, which a frozen BN before the
+    block can be folded into (a mean commutes with the BN's per-channel affine map)."""
+
+    pools_max = False
+
+    def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                            identity: torch.Tensor) -> torch.Tensor:
+        """``identity + self(src * scale + shift)``: a frozen BN before the block folded in
+        (see :func:`norm_gate_residual`)."""
+        return norm_gate_residual(self, src, scale, shift, identity)
+
+
+def _pool_leaves(block: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """x's spatial mean (and max, with its argmax) as leaves that require grad, and the argmax.
+
+    Call inside :func:`fp32_region` and without autograd.
+    """
+    mean = spatial_mean(x)
+    if not block.pools_max:
+        return [mean.requires_grad_()], None
+    peak, index = x.flatten(2).max(dim=2)
+    return [mean.requires_grad_(), peak.to(mean.dtype).requires_grad_()], index
+
+
+def _grad_input(grad: torch.Tensor, factor: torch.Tensor, grad_mean: torch.Tensor | None,
+                grad_peak: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+    """``grad * factor`` plus the pools' gradients, for (N, C) ``factor`` and pool gradients.
+
+    One pass for the product and the mean's share (spread over H x W); the max's entries are
+    then added in place at each channel's argmax.
+    """
+    hw = grad.shape[2] * grad.shape[3]
+    from_mean = torch.zeros_like(factor) if grad_mean is None else grad_mean / hw
+    out = channel_affine(grad, factor.to(grad.dtype), from_mean.to(grad.dtype))
+    if grad_peak is not None:
+        out.flatten(2).scatter_add_(2, index[:, :, None], grad_peak.to(grad.dtype)[:, :, None])
+    return out
 
 
 def pooled_gate(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,15 +150,10 @@ class _PooledGate(torch.autograd.Function):
                 fn: Callable[[torch.Tensor], torch.Tensor] | None, scale: torch.Tensor | None,
                 shift: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
         with fp32_region(x):
-            mean = spatial_mean(x)
-            index = peak = None
-            if block.pools_max:
-                peak, index = x.flatten(2).max(dim=2)
-                peak = peak.to(mean.dtype)
-            # g's graph, over leaves that stand for the pools, and the block's parameters.
-            leaves = [t.detach().requires_grad_() for t in (mean, peak) if t is not None]
+            leaves, index = _pool_leaves(block, x)
+            # g's graph, over the leaves that stand for the pools, and the block's parameters.
             with torch.enable_grad():
-                gate = block.gate_from_pools(*leaves, *([None] if peak is None else []))
+                gate = block.gate_from_pools(*leaves, *([None] * (2 - len(leaves))))
         g = gate.detach().to(x.dtype)[:, :, None, None]
         ctx.gate, ctx.leaves, ctx.params, ctx.fn = gate, leaves, params, fn
         ctx.shape = x.shape
@@ -141,14 +204,133 @@ class _PooledGate(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[2]:
-            h, w = ctx.shape[2:]
-            grad_x = products if products.dtype == grad.dtype else torch.empty_like(grad)
-            from_mean = (torch.zeros_like(g) if grad_mean is None
-                         else (grad_mean / (h * w)).to(grad.dtype)[:, :, None, None])
-            torch.addcmul(from_mean, grad, g, out=grad_x)
-            if grad_peak is not None:
-                grad_x.flatten(2).scatter_add_(2, index[:, :, None],
-                                               grad_peak.to(grad.dtype)[:, :, None])
+            grad_x = _grad_input(grad, g.flatten(1), grad_mean, grad_peak, index)
         grad_identity = grad if ctx.needs_input_grad[3] else None
         return (None, None, grad_x, grad_identity, None, None, None, None, *grad_params)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen BN folded in: with running statistics a BN is ``x * scale + shift`` per channel, so a
+# backbone whose block owns the BN can hand the block the BN's input and (scale, shift) instead
+# of the BN's output. The BN's own pass and its backward then disappear into the gate's.
+
+
+def norm_gate_residual(block: nn.Module, src: torch.Tensor, scale: torch.Tensor,
+                       shift: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """``identity + x * g(x)`` for ``x = src * scale + shift`` (a frozen BN before the gate).
+
+    ``scale`` and ``shift`` are (C, ), differentiable (they carry the BN's weight and bias). The
+    gate's pools must be means only (``block.pools_max`` False): a mean commutes with the
+    affine map. Backward keeps ``src``, as the BN would, and the (N, C) pools and gate.
+    """
+    if block.pools_max:
+        raise ValueError(f'{type(block).__name__}: a max pool does not commute with a BN of '
+                         'negative scale; call fused_residual on the BN output instead.')
+    return _folded(block, True, src, scale, shift, identity)
+
+
+def gate_norm(block: nn.Module, x: torch.Tensor, scale: torch.Tensor,
+              shift: torch.Tensor) -> torch.Tensor:
+    """``(x * g(x)) * scale + shift``: the gate, then a frozen BN, in one pass over x.
+
+    Backward keeps x, which the BN would keep as its input, and the (N, C) pools and gate.
+    """
+    return _folded(block, False, x, scale, shift, None)
+
+
+def _folded(block: nn.Module, norm_first: bool, src: torch.Tensor, scale: torch.Tensor,
+            shift: torch.Tensor, identity: torch.Tensor | None) -> torch.Tensor:
+    params = [p for p in block.parameters() if p.requires_grad]
+    if needs_grad(src, scale, shift, identity, *params):
+        return _FoldedNorm.apply(block, norm_first, src, scale, shift, identity, *params)
+    with torch.no_grad(), fp32_region(src):
+        mean = spatial_mean(src)
+        s, t = (v.to(mean.dtype) for v in (scale, shift))
+        if norm_first:
+            g = block.gate_from_pools(mean * s + t, None)
+        else:
+            peak = src.amax(dim=(2, 3)).to(mean.dtype) if block.pools_max else None
+            g = block.gate_from_pools(mean, peak)
+    return _folded_output(src, g, s, t, norm_first, identity)
+
+
+def _folded_output(src: torch.Tensor, g: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                   norm_first: bool, identity: torch.Tensor | None) -> torch.Tensor:
+    """src * (g * s) + (g * t or t) (+ identity), per (n, c), in one pass (two with identity)."""
+    a = (g * s).to(src.dtype)
+    b = (g * t if norm_first else t.expand_as(g)).to(src.dtype)
+    out = channel_affine(src, a, b)
+    if identity is not None:
+        out += identity
+    return out
+
+
+class _FoldedNorm(torch.autograd.Function):
+    """A pooled channel gate and a frozen BN (x = src * scale + shift) as one node.
+
+    norm_first: out = identity + g(x) * x, the pools taken from x (SE, ECA after bn3).
+    otherwise:  out = g(src) * src * scale + shift (CGD between conv1 and bn1).
+    Either way out = src * a + b per (n, c), with a = g * scale and b = g * shift (norm first)
+    or b = shift, plus the identity; backward needs, per (n, c), the sums over H x W of
+    grad * src and of grad, and writes src's gradient in one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, block: nn.Module, norm_first: bool, src: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor, identity: torch.Tensor | None,
+                *params: torch.Tensor) -> torch.Tensor:
+        with fp32_region(src):
+            leaves, index = _pool_leaves(block, src)
+            affine = [t.detach().to(leaves[0].dtype).requires_grad_() for t in (scale, shift)]
+            with torch.enable_grad():
+                if norm_first:  # the pools of x = src * scale + shift
+                    gate = block.gate_from_pools(leaves[0] * affine[0] + affine[1], None)
+                else:
+                    gate = block.gate_from_pools(*leaves, *([None] * (2 - len(leaves))))
+        g = gate.detach()
+        ctx.dtypes = scale.dtype, shift.dtype
+        ctx.norm_first, ctx.block_leaves = norm_first, leaves
+        ctx.gate, ctx.affine, ctx.params = gate, affine, params
+        ctx.save_for_backward(src, g, index)
+        return _folded_output(src, g, affine[0].detach(), affine[1].detach(), norm_first,
+                              identity)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        src, g, index = ctx.saved_tensors
+        dtype = g.dtype
+        s, t = (v.detach() for v in ctx.affine)
+        by_src = torch.mul(grad, src).sum(dim=(2, 3), dtype=dtype)  # sum of grad * src, (N, C)
+        by_one = grad.sum(dim=(2, 3), dtype=dtype)  # sum of grad
+        if ctx.norm_first:
+            # out = identity + g * (src * s + t)
+            grad_gate = by_src * s + by_one * t
+            grad_s, grad_t = (g * by_src).sum(0), (g * by_one).sum(0)
+        else:
+            # out = g * src * s + t
+            grad_gate = by_src * s
+            grad_s, grad_t = (g * by_src).sum(0), by_one.sum(0)
+
+        # Through g's graph: to the pools of src (with norm first, through x's pools, which
+        # the graph holds as mean(src) * s + t), the block's parameters, and s and t.
+        targets = [*ctx.block_leaves, *(ctx.affine if ctx.norm_first else []), *ctx.params]
+        grads = torch.autograd.grad(ctx.gate, targets, grad_gate.to(ctx.gate.dtype),
+                                    retain_graph=True, allow_unused=True)
+        grads = list(grads)
+        grad_mean = grads.pop(0)
+        grad_peak = grads.pop(0) if len(ctx.block_leaves) == 2 else None
+        if ctx.norm_first:
+            extra_s, extra_t = grads.pop(0), grads.pop(0)
+            grad_s = grad_s if extra_s is None else grad_s + extra_s
+            grad_t = grad_t if extra_t is None else grad_t + extra_t
+        grad_params = grads
+
+        grad_src = None
+        if ctx.needs_input_grad[2]:
+            grad_src = _grad_input(grad, g * s, grad_mean, grad_peak, index)
+        grad_scale = grad_s.to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
+        grad_shift = grad_t.to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
+        grad_identity = grad if ctx.needs_input_grad[5] else None
+        return (None, None, grad_src, grad_scale, grad_shift, grad_identity, *grad_params)

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
@@ -98,6 +99,28 @@ def spatial_max(x: torch.Tensor) -> torch.Tensor:
     if needs_grad(x):
         return x.flatten(2).max(dim=2).values.to(stat_dtype(x))
     return x.amax(dim=(2, 3)).to(stat_dtype(x))
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with one factor and one term per sample and channel, (N, C).
+
+    One vectorised pass: torch's batch-norm kernel in eval mode, over x viewed as a single
+    sample of N * C channels, with mean 0, variance 1 and eps 0, computes exactly
+    ``x * scale + shift`` per channel. ``torch.addcmul`` with a broadcast (N, C, 1, 1) input
+    takes about twice as long on the CPU. Tensors that cannot be viewed that way (channels_last)
+    or of another dtype than the factors take a multiply and an add.
+    """
+    n, c = x.shape[:2]
+    scale, shift = scale.reshape(n * c), shift.reshape(n * c)
+    if x.is_contiguous() and x.dtype == scale.dtype == shift.dtype:
+        mean, var = torch.zeros_like(scale), torch.ones_like(scale)
+        flat = F.batch_norm(x.view(1, n * c, *x.shape[2:]), mean, var, scale, shift, False, 0.0,
+                            0.0)
+        # The same memory as a tensor of x's shape that is not a view (an autograd Function
+        # may return it, and the next layer may modify it in place).
+        out = torch.empty(0, dtype=x.dtype, device=x.device)
+        return out.set_(flat.untyped_storage(), flat.storage_offset(), x.shape, x.stride())
+    return torch.mul(x, scale.view(n, c, 1, 1).to(x.dtype)).add_(shift.view(n, c, 1, 1).to(x.dtype))
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

@@ -102,7 +102,7 @@ class ConvolutionalBlockAttention(BaseModule):
     In :class:`~mmattn.backbones.AttnResNet` both gates are applied in place and
     the spatial one inside the residual add (``fused_residual``); backward keeps
     the two gates and the spatial pool's argmax, and recomputes the block's
-    input from bn3's input (see ``mmattn.blocks._common``).
+    input from bn3's input instead of keeping it (see ``mmattn.blocks._common``).
 
     Args:
         in_channels (int): Channels C of the input.

@@ -4,14 +4,13 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._channel_gate import gate_inplace, gate_residual, pooled_gate
-from ._common import Restore
+from ._channel_gate import PooledGateMixin, gate_inplace
 
 _MODES = ('cascade', 'plain')
 
 
 @MODELS.register_module()
-class CompactGlobalDescriptor(BaseModule):
+class CompactGlobalDescriptor(PooledGateMixin, BaseModule):
     """Compact Global Descriptor (CGD) channel gate.
 
     Paper: "Compact Global Descriptor for Neural Networks",
@@ -103,9 +102,6 @@ class CompactGlobalDescriptor(BaseModule):
     def pools_max(self) -> bool:
         return self.mode == 'cascade'
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * pooled_gate(self, x)
-
     def gate_from_pools(self, mean: torch.Tensor, peak: torch.Tensor | None) -> torch.Tensor:
         """(N, C) spatial means (and maxima) -> the (N, C) scale ``1 + gate``."""
         if self.mode == 'cascade':
@@ -119,11 +115,6 @@ class CompactGlobalDescriptor(BaseModule):
         that output too, instead of x.
         """
         return gate_inplace(self, x)
-
-    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
-                       restore: Restore | None = None) -> torch.Tensor:
-        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
-        return gate_residual(self, x, identity, restore)
 
     def _cascade_gate(self, mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         c = self.in_channels

@@ -6,8 +6,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._channel_gate import gate_residual, pooled_gate
-from ._common import Restore
+from ._channel_gate import MeanGateMixin
 
 
 def eca_kernel_size(in_channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -22,7 +21,7 @@ def eca_kernel_size(in_channels: int, gamma: float = 2, b: float = 1) -> int:
 
 
 @MODELS.register_module()
-class EfficientChannelAttention(BaseModule):
+class EfficientChannelAttention(MeanGateMixin, BaseModule):
     """Efficient Channel Attention (ECA) channel gate.
 
     Paper: "ECA-Net: Efficient Channel Attention for Deep Convolutional Neural
@@ -44,9 +43,10 @@ class EfficientChannelAttention(BaseModule):
     Placement in the paper: after the last conv + BN of every residual block,
     before the identity is added (mmdet ResNet: ``position='after_conv3'``).
     In :class:`~mmattn.backbones.AttnResNet` the gate is applied inside the
-    residual add (``fused_residual``: no new feature map), and backward
-    recomputes the block's input from bn3's input instead of keeping it
-    (see ``mmattn.blocks._common``); outputs and gradients are the same.
+    residual add (``fused_residual``: no new feature map), and backward forms
+    the gate's gradient from bn3's input instead of keeping the block's input
+    (see ``mmattn.blocks._common`` and ``mmattn.blocks._channel_gate``);
+    outputs and gradients are the same.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -86,16 +86,6 @@ class EfficientChannelAttention(BaseModule):
             # PyTorch's default Conv1d init, as the reference code uses.
             self.conv.reset_parameters()
 
-    pools_max = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * pooled_gate(self, x)
-
     def gate_from_pools(self, mean: torch.Tensor, peak: None = None) -> torch.Tensor:
         """(N, C) spatial means -> the (N, C) gate (see ``blocks._channel_gate``)."""
         return torch.sigmoid(self.conv(mean[:, None]))[:, 0]
-
-    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
-                       restore: Restore | None = None) -> torch.Tensor:
-        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
-        return gate_residual(self, x, identity, restore)

@@ -67,8 +67,8 @@ class GlobalSecondOrderPooling(BaseModule):
     strides.
 
     In :class:`~mmattn.backbones.AttnResNet` the channel gate is applied inside
-    the residual add (``fused_residual``), and backward recomputes the block's
-    input from bn3's input instead of keeping it (see
+    the residual add (``fused_residual``), and backward forms the gate's
+    gradient from bn3's input instead of keeping the block's input (see
     ``mmattn.blocks._common``).
 
     Args:

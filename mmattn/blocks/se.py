@@ -5,12 +5,12 @@ from mmcv.cnn import build_activation_layer
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._channel_gate import gate_residual, pooled_gate
-from ._common import Restore, reduced_channels
+from ._channel_gate import MeanGateMixin
+from ._common import reduced_channels
 
 
 @MODELS.register_module()
-class SqueezeExcitation(BaseModule):
+class SqueezeExcitation(MeanGateMixin, BaseModule):
     """Squeeze-and-Excitation (SE) channel gate.
 
     Paper: "Squeeze-and-Excitation Networks", https://arxiv.org/abs/1709.01507.
@@ -24,9 +24,10 @@ class SqueezeExcitation(BaseModule):
     Placement in the paper: after the last conv + BN of every residual block,
     before the identity is added (mmdet ResNet: ``position='after_conv3'``).
     In :class:`~mmattn.backbones.AttnResNet` the gate is applied inside the
-    residual add (``fused_residual``: no new feature map), and backward
-    recomputes the block's input from bn3's input instead of keeping it
-    (see ``mmattn.blocks._common``); outputs and gradients are the same.
+    residual add (``fused_residual``: no new feature map), and backward forms
+    the gate's gradient from bn3's input instead of keeping the block's input
+    (see ``mmattn.blocks._common`` and ``mmattn.blocks._channel_gate``);
+    outputs and gradients are the same.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -64,17 +65,7 @@ class SqueezeExcitation(BaseModule):
             for layer in (self.fc[0], self.fc[2]):
                 layer.reset_parameters()
 
-    pools_max = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * pooled_gate(self, x)
-
     def gate_from_pools(self, mean: torch.Tensor, peak: None = None) -> torch.Tensor:
         """(N, C) spatial means -> the (N, C) gate (see ``blocks._channel_gate``)."""
         # A model cast to half without autocast has half weights: meet them in their dtype.
         return self.gate(self.fc(mean.to(self.fc[0].weight.dtype)))
-
-    def fused_residual(self, x: torch.Tensor, identity: torch.Tensor,
-                       restore: Restore | None = None) -> torch.Tensor:
-        """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
-        return gate_residual(self, x, identity, restore)

@@ -1,8 +1,10 @@
 """The custom autograd Functions behind fusion pass gradcheck in float64 on small shapes."""
 import pytest
 import torch
+import torch.nn as nn
 from torch.autograd import gradcheck
 
+from mmattn.backbones.res_blocks import frozen_affine
 from mmattn.blocks import (
     CompactGlobalDescriptor,
     ConvolutionalBlockAttention,
@@ -10,8 +12,13 @@ from mmattn.blocks import (
     SpatialGroupEnhance,
     SqueezeExcitation,
 )
-from mmattn.blocks._channel_gate import gate_inplace, gate_residual
-from mmattn.blocks._common import Restore, gated_residual
+from mmattn.blocks._channel_gate import (
+    gate_inplace,
+    gate_norm,
+    gate_residual,
+    norm_gate_residual,
+)
+from mmattn.blocks._common import Restore, channel_affine, gated_residual
 from mmattn.blocks.sge import _GroupEnhance
 
 SHAPES = [(2, 8, 3, 5), (1, 8, 1, 1), (2, 8, 2, 1)]
@@ -141,3 +148,80 @@ def test_cbam_fused_residual_gradcheck(with_restore):
         return block.fused_residual(x * 1, i, restore)
     fn = restored(fn) if with_restore else fn
     assert gradcheck(fn, (doubled(2, 8, 3, 5), doubled(2, 8, 3, 5)))
+
+
+@pytest.fixture(params=[(i, first) for first in (True, False) for i in range(4)],
+                ids=[f'{name}-{order}' for order in ('norm_then_gate', 'gate_then_norm')
+                     for name in GATE_IDS])
+def folded_case(request) -> tuple[nn.Module, bool]:
+    """(block, norm_first) for every channel gate; a max pool does not commute with the norm."""
+    index, norm_first = request.param
+    block = channel_gates()[index]
+    if norm_first and block.pools_max:
+        pytest.skip('a max pool does not commute with the norm')
+    return block, norm_first
+
+
+def test_folded_norm_gradcheck(folded_case):
+    # A frozen BN as (scale, shift), both trained (they carry the BN's weight and bias); the
+    # scale takes both signs.
+    block, norm_first = folded_case
+    params = list(block.parameters())
+    scale, shift = doubled(8), doubled(8)
+
+    def fn(src, scale, shift, identity, *params):
+        if norm_first:
+            return norm_gate_residual(block, src * 1, scale, shift, identity)
+        return gate_norm(block, src * 1, scale, shift)
+    assert gradcheck(fn, (doubled(2, 8, 3, 5), scale, shift, doubled(2, 8, 3, 5), *params))
+
+
+def test_folded_norm_equals_bn_and_block(folded_case):
+    # Against nn.BatchNorm2d in eval mode and the block's own forward, outputs and gradients.
+    block, norm_first = folded_case
+    bn = nn.BatchNorm2d(8).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    src, identity = doubled(2, 8, 4, 6), doubled(2, 8, 4, 6)
+    upstream = torch.randn(2, 8, 4, 6, dtype=torch.float64)
+    inputs = [src, identity, bn.weight, bn.bias, *block.parameters()]
+    expected = block(bn(src)) + identity if norm_first else bn(block(src))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs, allow_unused=True)
+    scale, shift = frozen_affine(bn)
+    actual = (norm_gate_residual(block, src * 1, scale, shift, identity) if norm_first
+              else gate_norm(block, src * 1, scale, shift))
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), inputs, allow_unused=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the same without autograd
+        again = (norm_gate_residual(block, src, scale, shift, identity) if norm_first
+                 else gate_norm(block, src, scale, shift))
+    torch.testing.assert_close(again, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_max_pooling_gate_refuses_a_norm_before_it():
+    with pytest.raises(ValueError, match='max pool'):
+        norm_gate_residual(CompactGlobalDescriptor(8), torch.randn(1, 8, 2, 2), torch.ones(8),
+                           torch.zeros(8), torch.zeros(1, 8, 2, 2))
+
+
+@pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_channel_affine_is_x_times_scale_plus_shift_per_sample_and_channel(dtype, channels_last):
+    x = torch.randn(3, 5, 4, 7, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    scale, shift = torch.randn(3, 5, dtype=dtype), torch.randn(3, 5, dtype=dtype)
+    out = channel_affine(x, scale, shift)
+    expected = torch.stack([torch.stack([x[n, c] * scale[n, c] + shift[n, c] for c in range(5)])
+                            for n in range(3)])
+    torch.testing.assert_close(out, expected)
+    assert out._base is None  # not a view: the next layer may modify it in place
+    out.relu_()
