@@ -4,9 +4,10 @@ SE, ECA and CGD gate each channel by a small function ``g`` of x's spatial mean 
 cascade, its spatial max). Written as plain ops, training keeps x for the product's backward
 and autograd adds three gradients for x, each a new feature map: the product's, the mean's
 (broadcast over H x W) and the max's (zeros with one entry per channel). Here the block is one
-autograd node whose backward writes x's gradient in one pass,
-``grad * g + d mean / (H * W)`` (plus the max's entries, scattered in place), into the one feature
-map it allocates. ``g``'s own graph (a few (N, C) tensors and the block's parameters) is recorded
+autograd node whose backward writes x's gradient in one pass, ``grad * g + d mean / (H * W)``
+(plus the max's entries, scattered in place); forming ``sum(grad * x)`` for g takes one product
+more. A frozen BN next to the gate can be folded into the same node (the second half of this
+module). ``g``'s own graph (a few (N, C) tensors and the block's parameters) is recorded
 in the forward pass and differentiated with :func:`torch.autograd.grad` in backward, so any
 module may compute it, including one with BN.
 

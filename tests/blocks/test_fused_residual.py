@@ -127,9 +127,11 @@ def test_fuses_only_the_last_of_several_plugins_before_the_add():
     assert_grads_close(grads, expected_grads)
 
 
-@pytest.mark.parametrize('block', ['se', 'sge', 'cbam'])
-def test_fused_under_with_cp_matches_unfused(block):
-    model = network([PLACED[block]], norm_eval=False, with_cp=True).train()
+@pytest.mark.parametrize('norm_eval', [True, False], ids=['frozen_bn', 'train_bn'])
+@pytest.mark.parametrize('block', ['se', 'sge', 'cbam', 'cgd'])
+def test_fused_under_with_cp_matches_unfused(block, norm_eval):
+    # With frozen BN, SE and CGD fold the norm in: their node runs again inside the checkpoint.
+    model = network([PLACED[block]], norm_eval=norm_eval, with_cp=True).train()
     x = torch.randn(2, 3, 25, 29, dtype=torch.float64)
     outs, grads = forward_backward(model, x)
     expected_outs, expected_grads = forward_backward(unfused(model), x)
@@ -204,3 +206,30 @@ def test_cgd_forward_inplace_matches_forward():
 def test_bam_has_no_fusion():
     # BAM runs on a stage's output, not before a residual add.
     assert not hasattr(BottleneckAttention(64), 'fused_residual')
+
+
+def backward_nodes(out: torch.Tensor) -> list[str]:
+    """The names of the autograd nodes behind ``out``."""
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize('block', ['se', 'eca', 'cgd'])
+def test_frozen_bn_is_folded_into_the_gate(block):
+    # 7 blocks; with frozen BN each block's bn3 (SE, ECA) or bn1 (CGD) joins the gate's node.
+    model = network([PLACED[block]], norm_eval=True).train()
+    names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
+    assert names.count('_FoldedNormBackward') == 7
+    # stem + 3 per block + 2 downsamples, less the 7 folded
+    assert names.count('NativeBatchNormBackward0') == 1 + 3 * 7 + 2 - 7
+    # With batch statistics (norm_eval=False) nothing is folded.
+    model = network([PLACED[block]], norm_eval=False).train()
+    names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
+    assert '_FoldedNormBackward' not in names
