@@ -30,6 +30,11 @@ Fusion. The blocks own their intermediate tensors, so they may hand them to a pl
   of keeping a second copy; not under ``with_cp``, whose checkpoint already recomputes the block.
 - Elsewhere, a plugin that offers ``forward_inplace`` is called through it: it may overwrite its
   input when autograd does not need it and keep its output, not its input, for backward.
+- A frozen norm next to a lone plugin (a BN using its running statistics, as mmdet's
+  ``norm_eval=True`` keeps them) is ``x * scale + shift`` per channel (:func:`frozen_affine`), and
+  is folded into a plugin that offers it: ``fused_norm_residual(src, scale, shift, identity)``
+  after the last conv, with autograd, instead of the norm and ``fused_residual``;
+  ``fused_pre_norm(x, scale, shift)`` at after_conv1_pre_norm instead of the plugin and bn1.
 
 With autograd the outputs have the unfused bits (the product is rounded before the add, as the
 unfused ops do) and the gradients agree to rounding; without autograd the gate and the add are one
