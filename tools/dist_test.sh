@@ -1,26 +1,7 @@
 #!/usr/bin/env bash
 # Distributed evaluation, as mmdet's tools/dist_test.sh:
 #   tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py options]
-# GPUS, NNODES, NODE_RANK, PORT, MASTER_ADDR and PYTHON as in tools/dist_train.sh.
+# GPUS, NNODES, NODE_RANK, PORT, MASTER_ADDR and PYTHON as in tools/dist_run.sh.
 set -euo pipefail
 
-CONFIG=$1
-CHECKPOINT=$2
-GPUS=$3
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
-
-PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
-"$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$GPUS" \
-    --master_port="$PORT" \
-    "$(dirname "$0")/test.py" \
-    "$CONFIG" \
-    "$CHECKPOINT" \
-    --launcher pytorch "${@:4}"
+exec bash "$(dirname "$0")/dist_run.sh" test.py "$3" "$1" "$2" --launcher pytorch "${@:4}"

@@ -1,27 +1,7 @@
 #!/usr/bin/env bash
 # Distributed training on one or more machines, as mmdet's tools/dist_train.sh:
 #   tools/dist_train.sh CONFIG GPUS [train.py options]
-# GPUS is the number of processes on this machine (one per GPU; without a GPU, CPU processes that
-# mmattn connects with gloo). Several machines: the same command on each, with NNODES, NODE_RANK
-# and MASTER_ADDR (the address of NODE_RANK=0) set; PORT must be free there. PYTHON picks the
-# interpreter (e.g. .venv/bin/python).
+# GPUS, NNODES, NODE_RANK, PORT, MASTER_ADDR and PYTHON as in tools/dist_run.sh.
 set -euo pipefail
 
-CONFIG=$1
-GPUS=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
-
-PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
-"$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$GPUS" \
-    --master_port="$PORT" \
-    "$(dirname "$0")/train.py" \
-    "$CONFIG" \
-    --launcher pytorch "${@:3}"
+exec bash "$(dirname "$0")/dist_run.sh" train.py "$2" "$1" --launcher pytorch "${@:3}"
