@@ -74,13 +74,7 @@ def norm_restore(norm: nn.Module, norm_input: torch.Tensor) -> Restore | None:
     else:
         running_mean, running_var = norm.running_mean.clone(), norm.running_var.clone()
         with torch.no_grad():
-            scale = torch.rsqrt(running_var + norm.eps)
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            shift = -running_mean * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias
-        affine = (scale, shift)
+            affine = _affine(norm, running_mean, running_var)
     fn = partial(F.batch_norm, running_mean=running_mean, running_var=running_var,
                  weight=norm.weight, bias=norm.bias, training=batch_stats, momentum=0.0,
                  eps=norm.eps)
@@ -97,10 +91,16 @@ def frozen_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     if (not isinstance(norm, _BatchNorm) or norm.training or norm.running_mean is None
             or norm.running_var is None or _has_hooks(norm)):
         return None
-    scale = torch.rsqrt(norm.running_var + norm.eps)
+    return _affine(norm, norm.running_mean, norm.running_var)
+
+
+def _affine(norm: _BatchNorm, mean: torch.Tensor,
+            var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch norm with statistics (mean, var) as ``x * scale + shift`` per channel."""
+    scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
-    shift = -norm.running_mean * scale
+    shift = -mean * scale
     if norm.bias is not None:
         shift = shift + norm.bias
     return scale, shift

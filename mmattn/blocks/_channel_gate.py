@@ -64,7 +64,8 @@ class MeanGateMixin(PooledGateMixin):
         return norm_gate_residual(self, src, scale, shift, identity)
 
 
-def _pool_leaves(block: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _pool_leaves(block: nn.Module,
+                 x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """x's spatial mean (and max, with its argmax) as leaves that require grad, and the argmax.
 
     Call inside :func:`fp32_region` and without autograd.
