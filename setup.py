@@ -23,7 +23,7 @@ setup(
     # The configs ship inside the package (mmattn/.mim/configs links to ../../configs, as in
     # mmdet's layout) so that other projects inherit them: _base_ = 'mmattn::retinanet_r50_sge.py'.
     package_data={'mmattn': ['.mim/model-index.yml', '.mim/configs/**/*.py',
-                             '.mim/configs/**/*.yml']},
+                             '.mim/configs/**/*.yml', 'kernels/*.cpp', 'kernels/*.h']},
     python_requires='>=3.10',
     # `==2.13.0` also accepts local builds such as 2.13.0+cu128, so a user's own CUDA torch is kept.
     # mmcv is not listed: pip would build it in an isolated environment without its compiled ops;
@@ -37,6 +37,7 @@ setup(
         'pycocotools',
         'numpy',
         'opencv-python',
+        'ninja',  # builds mmattn/kernels on first use
     ],
     extras_require={'tests': ['pytest', 'ruff', 'matplotlib']},
     license='Apache-2.0',

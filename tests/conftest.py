@@ -6,6 +6,7 @@ import torch
 from mmengine.registry import DefaultScope
 
 import mmattn  # noqa: F401  (registers the blocks for every test)
+from mmattn import kernels
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +44,12 @@ def native_convolutions():
     torch.backends.mkldnn.enabled = False
     yield
     torch.backends.mkldnn.enabled = enabled
+
+
+@pytest.fixture(params=['kernels', 'eager'])
+def kernel_path(request, monkeypatch) -> str:
+    """Runs the test once through mmattn's fused CPU kernels and once through the eager path."""
+    monkeypatch.setenv('MMATTN_KERNELS', '1' if request.param == 'kernels' else '0')
+    if request.param == 'kernels':
+        assert kernels.enabled(), 'the fused CPU kernels (mmattn/kernels) did not build here'
+    return request.param

@@ -7,6 +7,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ._common import (
     Restore,
     check_divisible,
@@ -47,7 +48,9 @@ class SpatialGroupEnhance(BaseModule):
     :class:`~mmattn.backbones.AttnResNet`, what recomputes x from bn3's input)
     and per-group statistics for backward, and recomputes the scores there;
     in AttnResNet the gate is applied inside the residual add
-    (``fused_residual``, see ``mmattn.blocks._common``).
+    (``fused_residual``, see ``mmattn.blocks._common``). On the CPU, float32
+    and float64 tensors go through fused kernels (:mod:`mmattn.kernels`) that
+    work on one group of one sample at a time while it stays in cache.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -98,6 +101,11 @@ def _spatial_group_enhance(block: SpatialGroupEnhance, x: torch.Tensor,
         source, fn = (restore.source, restore.fn) if restore is not None else (None, None)
         return _GroupEnhance.apply(x, block.weight, block.bias, identity, source, fn,
                                    block.groups, block.eps)
+    if kernels.usable(x, identity, block.weight, block.bias):
+        out = torch.empty_like(x) if identity is None else x
+        torch.ops.mmattn.sge_forward(x, block.weight, block.bias, identity, out, block.groups,
+                                     block.eps)
+        return out
     with fp32_region(x):
         gate = _gate(_grouped(x, block.groups), block.weight, block.bias, block.eps)[0]
     gate = _per_position(gate.to(x.dtype), x)
@@ -151,20 +159,28 @@ class _GroupEnhance(torch.autograd.Function):
                 identity: torch.Tensor | None, source: torch.Tensor | None,
                 fn: Callable[[torch.Tensor], torch.Tensor] | None, groups: int,
                 eps: float) -> torch.Tensor:
-        xg = _grouped(x, groups)
-        with fp32_region(x):
-            gate, centre, _, mean, std = _gate(xg, weight, bias, eps)
         ctx.fn, ctx.groups, ctx.eps = fn, groups, eps
-        ctx.save_for_backward(x if fn is None else source, weight, bias, centre, mean, std)
-        gate = _per_position(gate.to(x.dtype), x)
-        if fn is None or identity is None:
-            out = torch.empty_like(x)
-            torch.mul(grouped(x, gate), gate, out=grouped(out, gate))
+        kept = x if fn is None else source
+        # x is overwritten when it can be recomputed and there is an identity to add.
+        in_place = fn is not None and identity is not None
+        ctx.kernel = kernels.usable(x, identity, weight, bias)
+        if ctx.kernel:
+            out = x if in_place else torch.empty_like(x)
+            stats = torch.ops.mmattn.sge_forward(x, weight, bias, identity, out, groups, eps)
+            ctx.save_for_backward(kept, weight, bias, *stats)
         else:
+            xg = _grouped(x, groups)
+            with fp32_region(x):
+                gate, centre, _, mean, std = _gate(xg, weight, bias, eps)
+            ctx.save_for_backward(kept, weight, bias, centre, mean, std)
+            gate = _per_position(gate.to(x.dtype), x)
+            out = x if in_place else torch.empty_like(x)
+            torch.mul(grouped(x, gate), gate, out=grouped(out, gate))
+            if identity is not None:
+                out.add_(identity)
+        if in_place:
             ctx.mark_dirty(x)
-            grouped(x, gate).mul_(gate)
-            out = x
-        return out if identity is None else out.add_(identity)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -172,6 +188,13 @@ class _GroupEnhance(torch.autograd.Function):
         kept, weight, bias, centre, mean, std = ctx.saved_tensors
         x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
         groups, eps = ctx.groups, ctx.eps
+        grad_identity = grad if ctx.needs_input_grad[3] else None
+        if ctx.kernel:
+            grad_x, grad_weight, grad_bias = torch.ops.mmattn.sge_backward(
+                x, grad.contiguous(), centre, mean, std, weight, bias, groups, eps,
+                ctx.needs_input_grad[0])
+            return (grad_x if ctx.needs_input_grad[0] else None, grad_weight.view_as(weight),
+                    grad_bias.view_as(bias), grad_identity, None, None, None, None)
         xg, dg = _grouped(x, groups), _grouped(grad, groups)
         positions = xg.shape[3]
         xf = xg.to(centre.dtype)
@@ -212,6 +235,5 @@ class _GroupEnhance(torch.autograd.Function):
             else:
                 out = (dg.to(xf.dtype) * gate).view(n * g, cg, m).baddbmm_(left, right)
             grad_x = out.view(grad.shape).to(grad.dtype)
-        grad_identity = grad if ctx.needs_input_grad[3] else None
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), grad_identity,
                 None, None, None, None)

@@ -112,6 +112,7 @@ def test_gate_inplace_gives_zero_gradient_where_the_gate_is_zero():
     assert torch.isfinite(block.w0.grad).all() and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.usefixtures('kernel_path')
 @pytest.mark.parametrize('identity', [False, True], ids=['alone', 'with_identity'])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_sge_function_gradcheck(shape, identity):
@@ -127,6 +128,7 @@ def test_sge_function_gradcheck(shape, identity):
     assert gradcheck(fn, inputs)
 
 
+@pytest.mark.usefixtures('kernel_path')
 @pytest.mark.parametrize('shape', SHAPES)
 def test_sge_fused_residual_gradcheck_with_restore(shape):
     block = SpatialGroupEnhance(8, groups=4).double()

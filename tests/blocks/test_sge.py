@@ -27,6 +27,7 @@ def randomised(channels: int = 32, groups: int = 8) -> SpatialGroupEnhance:
     return block
 
 
+@pytest.mark.usefixtures('kernel_path')
 @pytest.mark.parametrize('shape', [(2, 32, 9, 11), (1, 32, 7, 7), (3, 32, 2, 1)])
 def test_matches_paper_math(shape):
     block = randomised()
@@ -35,6 +36,7 @@ def test_matches_paper_math(shape):
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures('kernel_path')
 def test_gradients_match_paper_math():
     block = randomised()
     x = torch.randn(2, 32, 9, 11, requires_grad=True)
@@ -69,6 +71,7 @@ def test_parameter_names_and_shapes_are_the_authors():
     assert shapes == {'weight': (1, 64, 1, 1), 'bias': (1, 64, 1, 1)}
 
 
+@pytest.mark.usefixtures('kernel_path')
 def test_single_position_gates_with_sigmoid_bias():
     block = randomised()
     x = torch.randn(2, 32, 1, 1)
@@ -77,6 +80,7 @@ def test_single_position_gates_with_sigmoid_bias():
     torch.testing.assert_close(out, x * torch.sigmoid(block.bias).repeat_interleave(4, dim=1))
 
 
+@pytest.mark.usefixtures('kernel_path')
 def test_constant_input_has_finite_gradients():
     # mmdet's zero_init_residual makes the bn3 output, SGE's input, all zeros at init.
     block = randomised()

@@ -1,0 +1,68 @@
+"""Fused CPU kernels for the blocks whose eager PyTorch form needs many passes (SGE).
+
+The C++ sources beside this file are compiled on first use with torch's JIT extension builder
+(ninja and a C++ compiler; about 20 s, once per machine: the build is cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the SIMD width torch
+itself uses on this CPU. The ops are registered as ``torch.ops.mmattn.*``.
+
+Each block keeps its eager path, with the same math, and takes it for tensors the kernels do not
+cover (other devices, half precision, non-contiguous), when ``MMATTN_KERNELS=0`` is set, and when
+the build fails (no compiler), which is warned about once.
+"""
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = tuple(sorted(Path(__file__).parent.glob('*.cpp')))
+DTYPES = (torch.float32, torch.float64)
+
+# What torch.backends.cpu.get_cpu_capability() reports -> the defines and flags that make ATen's
+# Vectorized<T> use those instructions (as torch's own kernels for that capability do). Products
+# and sums are not contracted into fused multiply-adds unless the source asks for one.
+_CAPABILITY_FLAGS = {
+    'AVX512': ['-DCPU_CAPABILITY=AVX512', '-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512bw',
+               '-mavx512vl', '-mavx512dq', '-mfma'],
+    'AVX2': ['-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2', '-mavx2', '-mfma'],
+}
+
+
+def enabled() -> bool:
+    """Whether the kernels are switched on (``MMATTN_KERNELS`` unset or not ``0``) and built."""
+    return os.environ.get('MMATTN_KERNELS', '1') != '0' and _build()
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels take these tensors: contiguous, on the CPU, all float32 or all
+    float64, and the kernels enabled. None entries are skipped."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    return (dtype in DTYPES
+            and all(t.device.type == 'cpu' and t.dtype == dtype and t.is_contiguous()
+                    for t in present)
+            and enabled())
+
+
+@functools.cache
+def _build() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        from torch.utils.cpp_extension import load
+        load(name=f'mmattn_kernels_{capability.lower()}',
+             sources=[str(source) for source in SOURCES],
+             # -fopenmp: at::parallel_for is OpenMP inlined from torch's headers; the library
+             # links the libgomp torch has already loaded.
+             extra_cflags=['-O3', '-fopenmp', '-ffp-contract=off',
+                           *_CAPABILITY_FLAGS.get(capability, [])],
+             extra_ldflags=['-fopenmp'],
+             extra_include_paths=[str(Path(__file__).parent)],
+             is_python_module=False)
+    except Exception as error:  # a missing compiler or ninja: the eager path still works
+        reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0]}'
+        warnings.warn(f'mmattn: the fused CPU kernels could not be built ({reason}); the blocks '
+                      'use their slower eager PyTorch path. Install a C++ compiler and ninja, or '
+                      'set MMATTN_KERNELS=0 to silence this.', stacklevel=3)
+        return False
+    return True
