@@ -1,6 +1,7 @@
 """Convolutional Block Attention Module."""
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -9,6 +10,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ._common import (
     Restore,
     channel_dot,
@@ -35,11 +37,14 @@ class _ChannelGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with fp32_region(x):
-            # Both descriptors through the shared MLP in one batch of 2N.
-            pooled = torch.cat([spatial_mean(x), spatial_max(x)])
-            from_mean, from_max = self.mlp(pooled).chunk(2)
-            gate = torch.sigmoid(from_mean + from_max).to(x.dtype)
+            gate = self.from_pools(spatial_mean(x), spatial_max(x)).to(x.dtype)
         return gate[:, :, None, None]
+
+    def from_pools(self, mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """The (N, C) gate from x's (N, C) spatial mean and max, in their dtype."""
+        # Both descriptors through the shared MLP in one batch of 2N.
+        from_mean, from_max = self.mlp(torch.cat([mean, peak])).chunk(2)
+        return torch.sigmoid(from_mean + from_max)
 
 
 class _SpatialGate(nn.Module):
@@ -101,8 +106,10 @@ class ConvolutionalBlockAttention(BaseModule):
 
     In :class:`~mmattn.backbones.AttnResNet` both gates are applied in place and
     the spatial one inside the residual add (``fused_residual``); backward keeps
-    the two gates and the spatial pool's argmax, and recomputes the block's
-    input from bn3's input instead of keeping it (see ``mmattn.blocks._common``).
+    the two gates and the pools' argmaxes, and recomputes the block's input
+    from bn3's input instead of keeping it (see ``mmattn.blocks._common``). On
+    the CPU, float32 and float64 tensors go through fused kernels
+    (:mod:`mmattn.kernels`) that never store x times the channel gate.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -151,6 +158,8 @@ class ConvolutionalBlockAttention(BaseModule):
         nn.init.zeros_(spatial.bn.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x, *self.parameters()):
+            return _with_kernels(self, x, None, None)
         x = x * self.ChannelGate(x)
         return x * self.SpatialGate(x)
 
@@ -162,6 +171,8 @@ class ConvolutionalBlockAttention(BaseModule):
         spatial pool's argmax, plus ``restore.source`` (without ``restore``: x and x times the
         channel gate), and recomputes x once for both gates' gradients.
         """
+        if kernels.usable(x, identity, *self.parameters()):
+            return _with_kernels(self, x, identity, restore)
         channel = self.ChannelGate(x)
         spatial_gate = self.SpatialGate
         if not needs_grad(x, identity, channel, *spatial_gate.parameters()):
@@ -256,3 +267,117 @@ class _SpatialProductResidual(torch.autograd.Function):
             else grad * spatial
         grad_identity = grad if ctx.needs_input_grad[2] else None
         return grad_product, grad_spatial, grad_identity, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused CPU kernels (mmattn/kernels/cbam.cpp): x * channel * spatial (+ identity) without
+# storing x * channel, in three passes over x forward and three backward.
+
+
+def _with_kernels(block: ConvolutionalBlockAttention, x: torch.Tensor,
+                  identity: torch.Tensor | None, restore: Restore | None) -> torch.Tensor:
+    """The block (plus ``identity``, written over x when x may be) through the kernels."""
+    params = list(block.parameters())
+    if needs_grad(x, identity, *params):
+        source, fn = (restore.source, restore.fn) if restore is not None else (None, None)
+        return _KernelCBAM.apply(block, x, identity, source, fn, *params)
+    ops = torch.ops.mmattn
+    mean, peak, _ = ops.cbam_channel_pools(x, False)
+    channel = block.ChannelGate.from_pools(mean, peak)
+    pooled, _ = ops.cbam_spatial_pools(x, channel, False)
+    with _native_convolution():
+        spatial = block.SpatialGate.gate(pooled, x.dtype)
+    out = torch.empty_like(x) if identity is None else x
+    ops.cbam_apply(x, channel, spatial, identity, out)
+    return out
+
+
+class _KernelCBAM(torch.autograd.Function):
+    """identity + x * channel * spatial as one autograd node.
+
+    The two gates' graphs (the MLP from x's pools, the conv from the channel-wise pools of
+    x * channel) are recorded in forward from leaves that stand for the pools, and
+    differentiated with :func:`torch.autograd.grad` in backward; the kernels do the passes over
+    the feature maps. Backward keeps x (or what recomputes it), the two gates and the pools'
+    argmaxes.
+    """
+
+    @staticmethod
+    def forward(ctx, block: ConvolutionalBlockAttention, x: torch.Tensor,
+                identity: torch.Tensor | None, source: torch.Tensor | None,
+                fn: Callable | None, *params: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.mmattn
+        mean, peak, max_index = ops.cbam_channel_pools(x, True)
+        leaves = [mean.requires_grad_(), peak.requires_grad_()]
+        with torch.enable_grad():
+            channel = block.ChannelGate.from_pools(*leaves)
+        gate = channel.detach()
+        pooled, pool_index = ops.cbam_spatial_pools(x, gate, True)
+        pooled.requires_grad_()
+        with torch.enable_grad(), _native_convolution():
+            spatial = block.SpatialGate.gate(pooled, x.dtype)
+        in_place = fn is not None and identity is not None
+        out = x if in_place else torch.empty_like(x)
+        ops.cbam_apply(x, gate, spatial.detach(), identity, out)
+        if in_place:
+            ctx.mark_dirty(x)
+        ctx.fn, ctx.params = fn, params
+        ctx.graphs = (channel, leaves, spatial, pooled)
+        ctx.channel_params = len(list(block.ChannelGate.parameters()))
+        ctx.save_for_backward(x if fn is None else source, gate, spatial.detach(), max_index,
+                              pool_index)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        kept, gate, spatial_gate, max_index, pool_index = ctx.saved_tensors
+        x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
+        grad = grad.contiguous()
+        channel, leaves, spatial, pooled = ctx.graphs
+        channel_params = ctx.params[:ctx.channel_params]
+        spatial_params = ctx.params[ctx.channel_params:]
+        ops = torch.ops.mmattn
+
+        grad_gate, grad_spatial = ops.cbam_gate_grads(grad, x, gate, spatial_gate)
+        with _native_convolution():
+            grad_pooled, *grad_spatial_params = _grads(spatial, [pooled, *spatial_params],
+                                                       grad_spatial)
+        grad_gate = grad_gate + ops.cbam_pool_channel_grad(x, grad_pooled, pool_index)
+        grad_mean, grad_peak, *grad_channel_params = _grads(
+            channel, [*leaves, *channel_params], grad_gate)
+
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = ops.cbam_input_grad(grad, gate, spatial_gate, grad_pooled, pool_index,
+                                         grad_mean, grad_peak, max_index)
+        grad_identity = grad if ctx.needs_input_grad[2] else None
+        return (None, grad_x, grad_identity, None, None, *grad_channel_params,
+                *grad_spatial_params)
+
+
+@contextlib.contextmanager
+def _native_convolution() -> Iterator[None]:
+    """torch's own CPU convolution for the spatial gate's 2 -> 1 channel 7x7 conv, which runs
+    it (forward and backward) about twice as fast as oneDNN at ResNet's map sizes.
+
+    The switch itself, not ``torch.backends.mkldnn.flags``, which also sets TF32 and warns.
+    """
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def _grads(output: torch.Tensor, inputs: list[torch.Tensor],
+           grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """d output / d inputs for the upstream ``grad``, contiguous; None for an input that does
+    not require grad (a frozen parameter)."""
+    wanted = [t for t in inputs if t.requires_grad]
+    # retain_graph: the graphs are small and freed with the node; keeping them lets a caller
+    # run backward twice (retain_graph=True outside, as gradcheck does).
+    found = iter(torch.autograd.grad(output, wanted, grad, retain_graph=True, allow_unused=True))
+    grads = [next(found) if t.requires_grad else None for t in inputs]
+    return [g.contiguous() if g is not None else None for g in grads]

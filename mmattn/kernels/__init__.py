@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the blocks whose eager PyTorch form needs many passes (SGE).
+"""Fused CPU kernels for the blocks whose eager PyTorch form needs many passes (SGE, CBAM).
 
 The C++ sources beside this file are compiled on first use with torch's JIT extension builder
 (ninja and a C++ compiler; about 20 s, once per machine: the build is cached under

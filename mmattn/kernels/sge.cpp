@@ -24,12 +24,13 @@ std::pair<T, T> slab_gate(const T* x, int64_t cg, int64_t hw, T weight, T bias, 
     axpy(centre[c], x + c * hw, gate, hw);
   }
   const T mean = sum(gate, hw) / static_cast<T>(hw);
-  T squares = 0;
+  Vec<T> squares_v(T(0));
   for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
     const auto centred = Vec<T>::loadu(gate + p, n) - Vec<T>(mean);
     centred.store(gate + p, n);
-    squares += lanes_sum(centred * centred, n);
+    squares_v = squares_v + first_lanes(centred * centred, n);
   });
+  const T squares = lanes_sum(squares_v, Vec<T>::size());
   // A lone position has no spread: its normalised score is 0, as in the eager path.
   const T std = std::sqrt(squares / static_cast<T>(std::max<int64_t>(hw - 1, 1)));
   const Vec<T> scale(weight / (std + static_cast<T>(eps)));
@@ -135,38 +136,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_backward(
         // out = x * gate: the gate's gradient is dot; through the sigmoid it is dot * g(1-g).
         // normed = centred / denom feeds weight's gradient, bias's takes the logit's gradient,
         // and the denominator's gradient needs sum(logit gradient * weight * centred).
-        T grad_w = 0, grad_b = 0, grad_denom_sum = 0;
+        Vec<T> grad_w(T(0)), grad_b(T(0)), grad_denom_v(T(0));
         const Vec<T> one(T(1)), wv(w), bv(b), denom_v(denom), mean_v(mean);
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
           const auto centred = Vec<T>::loadu(score.data() + p, n) - mean_v;
           const auto normed = centred / denom_v;
           const auto g = sigmoid(normed * wv + bv);
-          const auto grad_logit = Vec<T>::loadu(dot.data() + p, n) * g * (one - g);
-          grad_w += lanes_sum(grad_logit * normed, n);
-          grad_b += lanes_sum(grad_logit, n);
+          const auto grad_logit =
+              first_lanes(Vec<T>::loadu(dot.data() + p, n) * g * (one - g), n);
+          grad_w = grad_w + grad_logit * normed;
+          grad_b = grad_b + grad_logit;
           const auto grad_normed = grad_logit * wv;
-          grad_denom_sum += lanes_sum(grad_normed * centred, n);
+          grad_denom_v = grad_denom_v + grad_normed * centred;
           centred.store(score.data() + p, n);
           g.store(gate.data() + p, n);
           grad_normed.store(dot.data() + p, n);
         });
-        gw_all[slab] = grad_w;
-        gb_all[slab] = grad_b;
+        gw_all[slab] = lanes_sum(grad_w, Vec<T>::size());
+        gb_all[slab] = lanes_sum(grad_b, Vec<T>::size());
+        const T grad_denom_sum = lanes_sum(grad_denom_v, Vec<T>::size());
         if (!need_grad_x) continue;
 
         // std = sqrt(sum(centred^2) / (hw - 1)); its gradient is taken as 0 where it is 0.
         const T grad_denom = -grad_denom_sum / (denom * denom);
         const T grad_var = std > 0 ? grad_denom / (2 * std) : T(0);
         const Vec<T> to_score(grad_var * 2 / static_cast<T>(std::max<int64_t>(hw - 1, 1)));
-        T grad_score_sum = 0;
+        Vec<T> grad_score_sum(T(0));
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
           const auto grad_score = Vec<T>::loadu(dot.data() + p, n) / denom_v +
                                   to_score * Vec<T>::loadu(score.data() + p, n);
           grad_score.store(dot.data() + p, n);
-          grad_score_sum += lanes_sum(grad_score, n);
+          grad_score_sum = grad_score_sum + first_lanes(grad_score, n);
         });
         // The scores were centred: their gradient loses its mean.
-        const Vec<T> grad_score_mean(grad_score_sum / positions);
+        const Vec<T> grad_score_mean(lanes_sum(grad_score_sum, Vec<T>::size()) / positions);
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
           (Vec<T>::loadu(dot.data() + p, n) - grad_score_mean).store(dot.data() + p, n);
         });

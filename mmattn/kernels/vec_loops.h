@@ -32,31 +32,48 @@ inline void for_each_vec(int64_t size, const F& f) {
 }
 
 // The sum of the first n lanes of v.
+// v with the lanes from n on set to 0.
+template <typename T>
+inline Vec<T> first_lanes(const Vec<T>& v, int64_t n) {
+  return n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, n);
+}
+
 template <typename T>
 inline T lanes_sum(const Vec<T>& v, int64_t n) {
-  const auto kept = n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, n);
   return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; },
-                                    kept);
+                                    first_lanes(v, n));
+}
+
+// The sum over p < size of load(p, n), a vector of n valid lanes, in four independent
+// accumulators (a single one would wait on the previous add at every step).
+template <typename T, typename Load>
+inline T accumulate(int64_t size, const Load& load) {
+  constexpr int64_t width = Vec<T>::size();
+  Vec<T> acc0(T(0)), acc1(T(0)), acc2(T(0)), acc3(T(0));
+  int64_t p = 0;
+  for (; p + 4 * width <= size; p += 4 * width) {
+    acc0 = acc0 + load(p, width);
+    acc1 = acc1 + load(p + width, width);
+    acc2 = acc2 + load(p + 2 * width, width);
+    acc3 = acc3 + load(p + 3 * width, width);
+  }
+  for (; p < size; p += width) {
+    const int64_t n = std::min(width, size - p);
+    acc0 = acc0 + first_lanes(load(p, n), n);
+  }
+  return lanes_sum((acc0 + acc1) + (acc2 + acc3), width);
 }
 
 template <typename T>
 inline T sum(const T* data, int64_t size) {
-  Vec<T> acc(T(0));
-  for_each_vec<T>(size, [&](int64_t p, int64_t n) {
-    const auto v = Vec<T>::loadu(data + p, n);
-    acc = acc + (n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, n));
-  });
-  return lanes_sum(acc, Vec<T>::size());
+  return accumulate<T>(size, [&](int64_t p, int64_t n) { return Vec<T>::loadu(data + p, n); });
 }
 
 template <typename T>
 inline T dot_product(const T* a, const T* b, int64_t size) {
-  Vec<T> acc(T(0));
-  for_each_vec<T>(size, [&](int64_t p, int64_t n) {
-    const auto v = Vec<T>::loadu(a + p, n) * Vec<T>::loadu(b + p, n);
-    acc = acc + (n == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, n));
+  return accumulate<T>(size, [&](int64_t p, int64_t n) {
+    return Vec<T>::loadu(a + p, n) * Vec<T>::loadu(b + p, n);
   });
-  return lanes_sum(acc, Vec<T>::size());
 }
 
 // out += a * x

@@ -52,6 +52,7 @@ def state_of(block: ConvolutionalBlockAttention) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in block.state_dict().items()}
 
 
+@pytest.mark.usefixtures('kernel_path')
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
 @pytest.mark.parametrize('shape', [(2, 32, 9, 11), (1, 32, 7, 7), (3, 32, 2, 1)])
 def test_matches_cbam_op_sequence(training, shape):
@@ -61,6 +62,7 @@ def test_matches_cbam_op_sequence(training, shape):
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures('kernel_path')
 def test_gradients_match_cbam_op_sequence():
     block = randomised()
     x = torch.randn(2, 32, 9, 11, requires_grad=True)
@@ -112,6 +114,7 @@ def test_backbone_init_keeps_the_authors_init():
     assert torch.equal(bn.weight, torch.zeros(1)) and torch.equal(bn.bias, torch.zeros(1))
 
 
+@pytest.mark.usefixtures('kernel_path')
 @pytest.mark.parametrize('training, shape', [
     (False, (1, 32, 1, 1)), (False, (3, 32, 1, 2)), (True, (2, 32, 1, 1)), (True, (1, 32, 9, 11))])
 def test_degenerate_shapes_are_finite_forward_and_backward(training, shape):
@@ -125,6 +128,7 @@ def test_degenerate_shapes_are_finite_forward_and_backward(training, shape):
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.usefixtures('kernel_path')
 def test_zero_input_has_finite_gradients():
     block = randomised()
     x = torch.zeros(2, 32, 9, 11, requires_grad=True)

@@ -139,6 +139,7 @@ def test_sge_fused_residual_gradcheck_with_restore(shape):
     assert gradcheck(fn, (doubled(*shape), doubled(*shape)))
 
 
+@pytest.mark.usefixtures('kernel_path')
 @pytest.mark.parametrize('with_restore', [False, True], ids=['keeps_x', 'restores_x'])
 def test_cbam_fused_residual_gradcheck(with_restore):
     block = ConvolutionalBlockAttention(8, rd_ratio=1 / 4).double().eval()

@@ -11,7 +11,7 @@ import torch
 from torch.profiler import profile
 
 from mmattn import kernels
-from mmattn.blocks import SpatialGroupEnhance
+from mmattn.blocks import ConvolutionalBlockAttention, SpatialGroupEnhance
 
 
 def op_names(fn) -> set[str]:
@@ -28,14 +28,50 @@ def sge_block() -> SpatialGroupEnhance:
     return block
 
 
-@pytest.mark.usefixtures('kernel_path')
-def test_kernel_path_runs_the_sge_ops(kernel_path):
-    block = sge_block()
+def cbam_block() -> ConvolutionalBlockAttention:
+    block = ConvolutionalBlockAttention(16, rd_ratio=1 / 4)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+    return block
+
+
+BLOCKS = {
+    'sge': (sge_block, {'mmattn::sge_forward', 'mmattn::sge_backward'}),
+    'cbam': (cbam_block, {'mmattn::cbam_channel_pools', 'mmattn::cbam_spatial_pools',
+                          'mmattn::cbam_apply', 'mmattn::cbam_gate_grads',
+                          'mmattn::cbam_pool_channel_grad', 'mmattn::cbam_input_grad'}),
+}
+
+
+@pytest.mark.parametrize('name', BLOCKS)
+def test_kernel_path_runs_the_kernels(name, kernel_path):
+    make, ops = BLOCKS[name]
+    block = make()
     x = torch.randn(2, 16, 5, 7, requires_grad=True)
 
     names = op_names(lambda: block(x).sum().backward())
-    called = {'mmattn::sge_forward', 'mmattn::sge_backward'} <= names
-    assert called == (kernel_path == 'kernels')
+    expected = ops if kernel_path == 'kernels' else set()
+    assert {name for name in names if name.startswith('mmattn::')} == expected
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['forward', 'fused_residual'])
+@pytest.mark.parametrize('name', BLOCKS)
+def test_kernels_equal_the_eager_path_over_many_positions(name, fused, monkeypatch):
+    # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector.
+    block = BLOCKS[name][0]().double()
+    x = torch.randn(2, 16, 33, 35, dtype=torch.float64)
+    identity = torch.randn_like(x)
+    upstream = torch.randn_like(x)
+    results = {}
+    for switch in ('1', '0'):
+        monkeypatch.setenv('MMATTN_KERNELS', switch)
+        block.zero_grad()
+        x_in = x.clone().requires_grad_()
+        out = block.fused_residual(x_in * 1, identity) if fused else block(x_in)
+        (out * upstream).sum().backward()
+        results[switch] = [out.detach(), x_in.grad, *(p.grad for p in block.parameters())]
+    torch.testing.assert_close(results['1'], results['0'], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('case', ['half', 'mixed_dtypes', 'channels_last'])
@@ -93,3 +129,14 @@ def test_failed_build_warns_once_and_the_blocks_take_the_eager_path():
         warnings.simplefilter('error')  # the failure is remembered: no second warning
         names = op_names(lambda: block(x))
     assert 'mmattn::sge_forward' not in names
+
+
+def test_cbam_spatial_conv_runs_natively_and_onednn_stays_on():
+    block = cbam_block()
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    assert torch.backends.mkldnn.enabled
+
+    names = op_names(lambda: block(x).sum().backward())
+    assert 'aten::mkldnn_convolution' not in names
+    assert 'aten::_slow_conv2d_forward' in names
+    assert torch.backends.mkldnn.enabled
