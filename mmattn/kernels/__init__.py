@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob('*.cpp')))
 DTYPES = (torch.float32, torch.float64)
@@ -36,12 +37,19 @@ def enabled() -> bool:
 
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels take these tensors: contiguous, on the CPU, all float32 or all
-    float64, and the kernels enabled. None entries are skipped."""
+    float64, and the kernels enabled. None entries are skipped.
+
+    Never while torch.compile traces or a Python dispatch mode is active (fake tensors, the
+    FLOP counter of ``mmattn.analysis.complexity``): those see the eager ops, which spell out
+    the math.
+    """
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
     return (dtype in DTYPES
             and all(t.device.type == 'cpu' and t.dtype == dtype and t.is_contiguous()
                     for t in present)
+            and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
             and enabled())
 
 

@@ -140,3 +140,13 @@ def test_cbam_spatial_conv_runs_natively_and_onednn_stays_on():
     assert 'aten::mkldnn_convolution' not in names
     assert 'aten::_slow_conv2d_forward' in names
     assert torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize('name', BLOCKS)
+def test_fake_tensors_take_the_eager_path(name):
+    # The custom ops have no fake implementation: calling them here would raise.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    block = BLOCKS[name][0]()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = block(torch.randn(2, 16, 5, 7))
+    assert out.shape == (2, 16, 5, 7)
