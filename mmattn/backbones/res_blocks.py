@@ -33,7 +33,8 @@ Fusion. The blocks own their intermediate tensors, so they may hand them to a pl
 - A frozen norm next to a lone plugin (a BN using its running statistics, as mmdet's
   ``norm_eval=True`` keeps them) is ``x * scale + shift`` per channel (:func:`frozen_affine`), and
   is folded into a plugin that offers it: ``fused_norm_residual(src, scale, shift, identity)``
-  after the last conv, with autograd, instead of the norm and ``fused_residual``;
+  after the last conv, instead of the norm and ``fused_residual``, where the plugin's optional
+  ``folds_norm(src, identity)`` accepts the tensors (without it: with autograd);
   ``fused_pre_norm(x, scale, shift)`` at after_conv1_pre_norm instead of the plugin and bn1.
 
 With autograd the outputs have the unfused bits (the product is rounded before the add, as the
@@ -194,13 +195,15 @@ class _PluginPositions:
                            checkpointed: bool) -> torch.Tensor:
         """``plugins(norm(out)) + identity``, for an ``out`` (the last conv's) the block gives up.
 
-        With autograd, a lone plugin that offers ``fused_norm_residual`` gets a frozen norm
-        folded in (see :func:`frozen_affine`), so the norm's own backward disappears into the
-        gate's. Otherwise the norm runs, then :meth:`forward_residual`.
+        A lone plugin that offers ``fused_norm_residual`` gets a frozen norm folded in (see
+        :func:`frozen_affine`), so the norm's own pass and backward disappear into the gate's:
+        where its ``folds_norm(out, identity)`` says so, or, if it has none, with autograd.
+        Otherwise the norm runs, then :meth:`forward_residual`.
         """
         plugin = self.lone_plugin(plugin_names, 'fused_norm_residual')
         affine = None
-        if plugin is not None and torch.is_grad_enabled():
+        if plugin is not None and (plugin.folds_norm(out, identity) if hasattr(plugin, 'folds_norm')
+                                   else torch.is_grad_enabled()):
             affine = frozen_affine(norm)
         if affine is not None:
             return plugin.fused_norm_residual(out, *affine, identity)

@@ -184,6 +184,18 @@ class ConvolutionalBlockAttention(BaseModule):
         spatial = spatial_gate.gate(pooled, x.dtype)
         return _SpatialProductResidual.apply(x, spatial, identity, channel, source, fn, shared)
 
+    def folds_norm(self, src: torch.Tensor, identity: torch.Tensor) -> bool:
+        """Whether :meth:`fused_norm_residual` takes these tensors: the CPU kernels do."""
+        return kernels.usable(src, identity, *self.parameters())
+
+    def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                            identity: torch.Tensor) -> torch.Tensor:
+        """``identity + self(src * scale + shift)``: a frozen BN before the block folded in, for
+        tensors :meth:`folds_norm` accepts. The kernels compute the BN's output where they read
+        it, so its own pass and its backward disappear; ``scale`` and ``shift`` (C, ) carry
+        autograd to the BN's weight and bias."""
+        return _with_kernels(self, src, identity, affine=(scale.contiguous(), shift.contiguous()))
+
 
 def _recompute(kept: torch.Tensor, fn: Callable | None, shared: dict) -> torch.Tensor:
     """The block's input x: the kept tensor, or recomputed (once) from it."""
@@ -275,63 +287,72 @@ class _SpatialProductResidual(torch.autograd.Function):
 
 
 def _with_kernels(block: ConvolutionalBlockAttention, x: torch.Tensor,
-                  identity: torch.Tensor | None, restore: Restore | None) -> torch.Tensor:
-    """The block (plus ``identity``, written over x when x may be) through the kernels."""
+                  identity: torch.Tensor | None, restore: Restore | None = None,
+                  affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The block (plus ``identity``, written over x when x may be) through the kernels.
+
+    With ``affine`` = (scale, shift), x is a frozen BN's input and the block's input is
+    ``x * scale + shift`` per channel.
+    """
+    scale, shift = affine if affine is not None else (None, None)
     params = list(block.parameters())
-    if needs_grad(x, identity, *params):
+    if needs_grad(x, scale, shift, identity, *params):
         source, fn = (restore.source, restore.fn) if restore is not None else (None, None)
-        return _KernelCBAM.apply(block, x, identity, source, fn, *params)
+        return _KernelCBAM.apply(block, x, scale, shift, identity, source, fn, *params)
     ops = torch.ops.mmattn
-    mean, peak, _ = ops.cbam_channel_pools(x, False)
+    mean, peak, _ = ops.cbam_channel_pools(x, scale, shift, False)
     channel = block.ChannelGate.from_pools(mean, peak)
-    pooled, _ = ops.cbam_spatial_pools(x, channel, False)
+    pooled, _ = ops.cbam_spatial_pools(x, scale, shift, channel)
     with _native_convolution():
         spatial = block.SpatialGate.gate(pooled, x.dtype)
     out = torch.empty_like(x) if identity is None else x
-    ops.cbam_apply(x, channel, spatial, identity, out)
+    ops.cbam_apply(x, scale, shift, channel, spatial, identity, out)
     return out
 
 
 class _KernelCBAM(torch.autograd.Function):
-    """identity + x * channel * spatial as one autograd node.
+    """identity + x * channel * spatial as one autograd node, x = src * scale + shift with a
+    frozen BN folded in.
 
     The two gates' graphs (the MLP from x's pools, the conv from the channel-wise pools of
     x * channel) are recorded in forward from leaves that stand for the pools, and
     differentiated with :func:`torch.autograd.grad` in backward; the kernels do the passes over
-    the feature maps. Backward keeps x (or what recomputes it), the two gates and the pools'
-    argmaxes.
+    the feature maps. Backward keeps x (or src, or what recomputes x), the two gates and the
+    pools' argmaxes.
     """
 
     @staticmethod
     def forward(ctx, block: ConvolutionalBlockAttention, x: torch.Tensor,
+                scale: torch.Tensor | None, shift: torch.Tensor | None,
                 identity: torch.Tensor | None, source: torch.Tensor | None,
                 fn: Callable | None, *params: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.mmattn
-        mean, peak, max_index = ops.cbam_channel_pools(x, True)
+        mean, peak, max_index = ops.cbam_channel_pools(x, scale, shift, True)
         leaves = [mean.requires_grad_(), peak.requires_grad_()]
         with torch.enable_grad():
             channel = block.ChannelGate.from_pools(*leaves)
         gate = channel.detach()
-        pooled, pool_index = ops.cbam_spatial_pools(x, gate, True)
+        pooled, pool_index = ops.cbam_spatial_pools(x, scale, shift, gate)
         pooled.requires_grad_()
         with torch.enable_grad(), _native_convolution():
             spatial = block.SpatialGate.gate(pooled, x.dtype)
+        # x (the BN's output) is overwritten when it can be recomputed, never the BN's input.
         in_place = fn is not None and identity is not None
         out = x if in_place else torch.empty_like(x)
-        ops.cbam_apply(x, gate, spatial.detach(), identity, out)
+        ops.cbam_apply(x, scale, shift, gate, spatial.detach(), identity, out)
         if in_place:
             ctx.mark_dirty(x)
         ctx.fn, ctx.params = fn, params
         ctx.graphs = (channel, leaves, spatial, pooled)
         ctx.channel_params = len(list(block.ChannelGate.parameters()))
-        ctx.save_for_backward(x if fn is None else source, gate, spatial.detach(), max_index,
-                              pool_index)
+        ctx.save_for_backward(x if fn is None else source, scale, shift, gate, spatial.detach(),
+                              max_index, pool_index)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        kept, gate, spatial_gate, max_index, pool_index = ctx.saved_tensors
+        kept, scale, shift, gate, spatial_gate, max_index, pool_index = ctx.saved_tensors
         x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
         grad = grad.contiguous()
         channel, leaves, spatial, pooled = ctx.graphs
@@ -339,21 +360,21 @@ class _KernelCBAM(torch.autograd.Function):
         spatial_params = ctx.params[ctx.channel_params:]
         ops = torch.ops.mmattn
 
-        grad_gate, grad_spatial = ops.cbam_gate_grads(grad, x, gate, spatial_gate)
+        grad_gate, grad_spatial = ops.cbam_gate_grads(grad, x, scale, shift, gate, spatial_gate)
         with _native_convolution():
             grad_pooled, *grad_spatial_params = _grads(spatial, [pooled, *spatial_params],
                                                        grad_spatial)
-        grad_gate = grad_gate + ops.cbam_pool_channel_grad(x, grad_pooled, pool_index)
+        grad_gate = grad_gate + ops.cbam_pool_channel_grad(x, scale, shift, grad_pooled,
+                                                           pool_index)
         grad_mean, grad_peak, *grad_channel_params = _grads(
             channel, [*leaves, *channel_params], grad_gate)
 
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = ops.cbam_input_grad(grad, gate, spatial_gate, grad_pooled, pool_index,
-                                         grad_mean, grad_peak, max_index)
-        grad_identity = grad if ctx.needs_input_grad[2] else None
-        return (None, grad_x, grad_identity, None, None, *grad_channel_params,
-                *grad_spatial_params)
+        grad_x, grad_scale, grad_shift = ops.cbam_input_grad(
+            grad, x if scale is not None else None, scale, gate, spatial_gate, grad_pooled,
+            pool_index, grad_mean, grad_peak, max_index)
+        grads = [g if need else None for g, need in zip(
+            (grad_x, grad_scale, grad_shift, grad), ctx.needs_input_grad[1:5], strict=True)]
+        return (None, *grads, None, None, *grad_channel_params, *grad_spatial_params)
 
 
 @contextlib.contextmanager

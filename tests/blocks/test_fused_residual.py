@@ -105,6 +105,15 @@ def test_fused_training_matches_unfused(block, norm_eval):
         torch.testing.assert_close(buffer, expected, msg=name)
 
 
+@pytest.mark.parametrize('block', PLACED)
+def test_fused_inference_with_frozen_bn_matches_unfused(block):
+    # Where a plugin folds the frozen bn3 in without autograd too (CBAM's CPU kernels).
+    model = network([PLACED[block]], norm_eval=True).eval()
+    x = torch.randn(2, 3, 25, 29, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unfused(model)(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize('grad', [False, True], ids=['inference', 'training'])
 @pytest.mark.parametrize('block', PLACED)
 def test_fused_matches_unfused_in_fp32(block, grad):
@@ -233,3 +242,17 @@ def test_frozen_bn_is_folded_into_the_gate(block):
     model = network([PLACED[block]], norm_eval=False).train()
     names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
     assert '_FoldedNormBackward' not in names
+
+
+@pytest.mark.usefixtures('kernel_path')
+def test_frozen_bn_is_folded_into_cbams_kernels(kernel_path):
+    model = network([PLACED['cbam']], norm_eval=True).train()
+    names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
+    # Kernels: stem + 3 per block + 2 downsamples, less the 7 bn3 folded into the kernels'
+    # node (which also differentiates CBAM's own spatial BN). Eager: all of those and the 7
+    # spatial BNs.
+    if kernel_path == 'kernels':
+        assert names.count('NativeBatchNormBackward0') == 1 + 3 * 7 + 2 - 7
+        assert names.count('_KernelCBAMBackward') == 7
+    else:
+        assert names.count('NativeBatchNormBackward0') == 1 + 3 * 7 + 2 + 7

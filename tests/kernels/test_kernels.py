@@ -150,3 +150,27 @@ def test_fake_tensors_take_the_eager_path(name):
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = block(torch.randn(2, 16, 5, 7))
     assert out.shape == (2, 16, 5, 7)
+
+
+def test_cbam_with_a_frozen_bn_folded_equals_the_bn_then_the_block():
+    # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector.
+    block = cbam_block().double()
+    src = torch.randn(2, 16, 33, 35, dtype=torch.float64)
+    identity = torch.randn_like(src)
+    upstream = torch.randn_like(src)
+    scale = torch.empty(16, dtype=torch.float64).uniform_(-1.5, 1.5)  # some negative
+    shift = torch.randn(16, dtype=torch.float64)
+    results = []
+    for folded in (True, False):
+        block.zero_grad()
+        inputs = [t.clone().requires_grad_() for t in (src, scale, shift)]
+        s, a, b = inputs
+        if folded:
+            assert block.folds_norm(s, identity)
+            out = block.fused_norm_residual(s, a, b, identity)
+        else:
+            out = block(s * a[:, None, None] + b[:, None, None]) + identity
+        (out * upstream).sum().backward()
+        results.append([out.detach(), *(t.grad for t in inputs),
+                        *(p.grad for p in block.parameters())])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
