@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ._common import (
     Restore,
     channel_affine,
@@ -56,6 +57,11 @@ class MeanGateMixin(PooledGateMixin):
     block can be folded into (a mean commutes with the BN's per-channel affine map)."""
 
     pools_max = False
+
+    def folds_norm(self, src: torch.Tensor, identity: torch.Tensor) -> bool:
+        """Whether folding the BN pays: with autograd (its backward joins the gate's), and
+        without where the affine map and the add are one pass (the CPU kernel)."""
+        return torch.is_grad_enabled() or kernels.usable(src, identity)
 
     def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                             identity: torch.Tensor) -> torch.Tensor:
@@ -259,9 +265,14 @@ def _folded(block: nn.Module, norm_first: bool, src: torch.Tensor, scale: torch.
 
 def _folded_output(src: torch.Tensor, g: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                    norm_first: bool, identity: torch.Tensor | None) -> torch.Tensor:
-    """src * (g * s) + (g * t or t) (+ identity), per (n, c), in one pass (two with identity)."""
+    """src * (g * s) + (g * t or t) (+ identity), per (n, c), in one pass (in PyTorch, two
+    with identity; one through the CPU kernel)."""
     a = (g * s).to(src.dtype)
-    b = (g * t if norm_first else t.expand_as(g)).to(src.dtype)
+    b = (g * t if norm_first else t.expand_as(g)).to(src.dtype).contiguous()
+    if identity is not None and kernels.usable(src, identity, a, b):
+        out = torch.empty_like(src)
+        torch.ops.mmattn.channel_affine_residual(src, a, b, identity, out)
+        return out
     out = channel_affine(src, a, b)
     if identity is not None:
         out += identity

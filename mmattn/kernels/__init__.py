@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the blocks whose eager PyTorch form needs many passes (SGE, CBAM).
+"""Fused CPU kernels for the blocks whose eager PyTorch form needs many passes (SGE, CBAM, and
+SE/ECA with a frozen BN folded in).
 
 The C++ sources beside this file are compiled on first use with torch's JIT extension builder
 (ninja and a C++ compiler; about 20 s, once per machine: the build is cached under

@@ -174,3 +174,14 @@ def test_cbam_with_a_frozen_bn_folded_equals_the_bn_then_the_block():
         results.append([out.detach(), *(t.grad for t in inputs),
                         *(p.grad for p in block.parameters())])
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('plugin', ['SqueezeExcitation', 'EfficientChannelAttention'])
+def test_se_and_eca_fold_a_frozen_bn3_in_inference_through_the_kernel(plugin, kernel_path):
+    from mmattn.backbones import AttnResNet
+    model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
+                       out_indices=(0, ), norm_eval=True,
+                       plugins=[dict(cfg=dict(type=plugin), position='after_conv3')]).eval()
+    with torch.no_grad():
+        names = op_names(lambda: model(torch.randn(1, 3, 32, 32)))
+    assert ('mmattn::channel_affine_residual' in names) == (kernel_path == 'kernels')
