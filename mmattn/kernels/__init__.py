@@ -2,7 +2,7 @@
 SE/ECA with a frozen BN folded in).
 
 The C++ sources beside this file are compiled on first use with torch's JIT extension builder
-(ninja and a C++ compiler; about 20 s, once per machine: the build is cached under
+(ninja and a C++ compiler; about 30 s, once per machine: the build is cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the SIMD width torch
 itself uses on this CPU. The ops are registered as ``torch.ops.mmattn.*``.
 
