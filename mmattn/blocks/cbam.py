@@ -158,7 +158,7 @@ class ConvolutionalBlockAttention(BaseModule):
         nn.init.zeros_(spatial.bn.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x, *self.parameters()):
+        if self._kernels_take(x):
             return _with_kernels(self, x, None, None)
         x = x * self.ChannelGate(x)
         return x * self.SpatialGate(x)
@@ -171,7 +171,7 @@ class ConvolutionalBlockAttention(BaseModule):
         spatial pool's argmax, plus ``restore.source`` (without ``restore``: x and x times the
         channel gate), and recomputes x once for both gates' gradients.
         """
-        if kernels.usable(x, identity, *self.parameters()):
+        if self._kernels_take(x, identity):
             return _with_kernels(self, x, identity, restore)
         channel = self.ChannelGate(x)
         spatial_gate = self.SpatialGate
@@ -186,7 +186,11 @@ class ConvolutionalBlockAttention(BaseModule):
 
     def folds_norm(self, src: torch.Tensor, identity: torch.Tensor) -> bool:
         """Whether :meth:`fused_norm_residual` takes these tensors: the CPU kernels do."""
-        return kernels.usable(src, identity, *self.parameters())
+        return self._kernels_take(src, identity)
+
+    def _kernels_take(self, *tensors: torch.Tensor) -> bool:
+        """Whether the CPU kernels take these tensors and the block's parameters."""
+        return kernels.usable(*tensors, *self.parameters())
 
     def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                             identity: torch.Tensor) -> torch.Tensor:
@@ -336,16 +340,17 @@ class _KernelCBAM(torch.autograd.Function):
         pooled.requires_grad_()
         with torch.enable_grad(), _native_convolution():
             spatial = block.SpatialGate.gate(pooled, x.dtype)
+        spatial_gate = spatial.detach()
         # x (the BN's output) is overwritten when it can be recomputed, never the BN's input.
         in_place = fn is not None and identity is not None
         out = x if in_place else torch.empty_like(x)
-        ops.cbam_apply(x, scale, shift, gate, spatial.detach(), identity, out)
+        ops.cbam_apply(x, scale, shift, gate, spatial_gate, identity, out)
         if in_place:
             ctx.mark_dirty(x)
         ctx.fn, ctx.params = fn, params
         ctx.graphs = (channel, leaves, spatial, pooled)
         ctx.channel_params = len(list(block.ChannelGate.parameters()))
-        ctx.save_for_backward(x if fn is None else source, scale, shift, gate, spatial.detach(),
+        ctx.save_for_backward(x if fn is None else source, scale, shift, gate, spatial_gate,
                               max_index, pool_index)
         return out
 

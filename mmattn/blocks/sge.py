@@ -163,9 +163,9 @@ class _GroupEnhance(torch.autograd.Function):
         kept = x if fn is None else source
         # x is overwritten when it can be recomputed and there is an identity to add.
         in_place = fn is not None and identity is not None
+        out = x if in_place else torch.empty_like(x)
         ctx.kernel = kernels.usable(x, identity, weight, bias)
         if ctx.kernel:
-            out = x if in_place else torch.empty_like(x)
             stats = torch.ops.mmattn.sge_forward(x, weight, bias, identity, out, groups, eps)
             ctx.save_for_backward(kept, weight, bias, *stats)
         else:
@@ -174,7 +174,6 @@ class _GroupEnhance(torch.autograd.Function):
                 gate, centre, _, mean, std = _gate(xg, weight, bias, eps)
             ctx.save_for_backward(kept, weight, bias, centre, mean, std)
             gate = _per_position(gate.to(x.dtype), x)
-            out = x if in_place else torch.empty_like(x)
             torch.mul(grouped(x, gate), gate, out=grouped(out, gate))
             if identity is not None:
                 out.add_(identity)
