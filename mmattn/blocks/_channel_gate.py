@@ -51,6 +51,13 @@ class PooledGateMixin:
         :func:`gate_norm`)."""
         return gate_norm(self, x, scale, shift)
 
+    def inference_kernel(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+        """The name of the CPU kernel op (``torch.ops.mmattn.<name>``) that computes
+        ``identity + self(src * scale + shift)`` without autograd in one call, and the weights it
+        takes after those four tensors and ``out``; None (the default) where there is none for
+        this block's configuration."""
+        return None
+
 
 class MeanGateMixin(PooledGateMixin):
     """:class:`PooledGateMixin` for a gate of spatial means only, which a frozen BN before the
@@ -66,7 +73,7 @@ class MeanGateMixin(PooledGateMixin):
     def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                             identity: torch.Tensor) -> torch.Tensor:
         """``identity + self(src * scale + shift)``: a frozen BN before the block folded in
-        (see :func:`norm_gate_residual`)."""
+        (see :func:`norm_gate_residual`), for a backbone that gives ``src`` up."""
         return norm_gate_residual(self, src, scale, shift, identity)
 
 
@@ -96,6 +103,18 @@ def _grad_input(grad: torch.Tensor, factor: torch.Tensor, grad_mean: torch.Tenso
     if grad_peak is not None:
         out.flatten(2).scatter_add_(2, index[:, :, None], grad_peak.to(grad.dtype)[:, :, None])
     return out
+
+
+def _grad_sums(grad: torch.Tensor, x: torch.Tensor,
+               with_grad_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per (n, c), the sums over H x W of ``grad * x`` and (``with_grad_sum``) of ``grad``, in
+    :func:`stat_dtype`: one pass through the CPU kernel, where PyTorch writes the product out
+    and sums it."""
+    if kernels.usable(grad, x):
+        return torch.ops.mmattn.channel_grad_sums(grad, x)
+    dtype = stat_dtype(grad)
+    by_x = torch.mul(grad, x).sum(dim=(2, 3), dtype=dtype)
+    return by_x, grad.sum(dim=(2, 3), dtype=dtype) if with_grad_sum else None
 
 
 def pooled_gate(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -187,19 +206,16 @@ class _PooledGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         kept, g, index, *affine = ctx.saved_tensors
-        dtype = stat_dtype(grad)
-        # sum over H x W of grad * x, per (n, c), and a feature map to reuse for x's gradient.
+        # sum over H x W of grad * x, per (n, c)
         if ctx.mode == 'affine':
             scale, shift = affine
-            products = torch.mul(grad, kept)
-            grad_gate = (products.sum(dim=(2, 3), dtype=dtype) * scale
-                         + grad.sum(dim=(2, 3), dtype=dtype) * shift)
+            by_src, by_one = _grad_sums(grad, kept, with_grad_sum=True)
+            grad_gate = by_src * scale + by_one * shift
         else:
             x = Restore(kept, ctx.fn)() if ctx.mode == 'restore' else kept
-            products = torch.mul(grad, x)
-            grad_gate = products.sum(dim=(2, 3), dtype=dtype)
-            if ctx.mode == 'output':  # the products are grad * x * g
-                gate = g.flatten(1).to(dtype)
+            grad_gate, _ = _grad_sums(grad, x, with_grad_sum=False)
+            if ctx.mode == 'output':  # the sums are of grad * x * g
+                gate = g.flatten(1).to(grad_gate.dtype)
                 grad_gate = torch.where(gate != 0, grad_gate / gate, torch.zeros_like(gate))
 
         inputs = [*ctx.leaves, *ctx.params]
@@ -230,11 +246,19 @@ def norm_gate_residual(block: nn.Module, src: torch.Tensor, scale: torch.Tensor,
 
     ``scale`` and ``shift`` are (C, ), differentiable (they carry the BN's weight and bias). The
     gate's pools must be means only (``block.pools_max`` False): a mean commutes with the
-    affine map. Backward keeps ``src``, as the BN would, and the (N, C) pools and gate.
+    affine map. Backward keeps ``src``, as the BN would, and the (N, C) pools and gate. Without
+    autograd, a block's ``inference_kernel`` (where it has one and the kernels take the tensors)
+    computes it in one call and writes it over ``src``.
     """
     if block.pools_max:
         raise ValueError(f'{type(block).__name__}: a max pool does not commute with a BN of '
                          'negative scale; call fused_residual on the BN output instead.')
+    kernel = None if torch.is_grad_enabled() else block.inference_kernel()
+    if kernel is not None and kernels.usable(src, scale, shift, identity, *kernel[1]):
+        name, weights = kernel
+        op = getattr(torch.ops.mmattn, name)
+        op(src, scale, shift, identity, src, *weights)  # the whole block, written over src
+        return src
     return _folded(block, True, src, scale, shift, identity)
 
 
@@ -313,10 +337,8 @@ class _FoldedNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         src, g, index = ctx.saved_tensors
-        dtype = g.dtype
         s, t = (v.detach() for v in ctx.affine)
-        by_src = torch.mul(grad, src).sum(dim=(2, 3), dtype=dtype)  # sum of grad * src, (N, C)
-        by_one = grad.sum(dim=(2, 3), dtype=dtype)  # sum of grad
+        by_src, by_one = _grad_sums(grad, src, with_grad_sum=True)
         if ctx.norm_first:
             # out = identity + g * (src * s + t)
             grad_gate = by_src * s + by_one * t

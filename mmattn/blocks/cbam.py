@@ -304,14 +304,35 @@ def _with_kernels(block: ConvolutionalBlockAttention, x: torch.Tensor,
         source, fn = (restore.source, restore.fn) if restore is not None else (None, None)
         return _KernelCBAM.apply(block, x, scale, shift, identity, source, fn, *params)
     ops = torch.ops.mmattn
+    out = torch.empty_like(x) if identity is None else x
+    gates = _kernel_gates(block)
+    if gates is not None:
+        ops.cbam_inference(x, scale, shift, identity, out, *gates)
+        return out
     mean, peak, _ = ops.cbam_channel_pools(x, scale, shift, False)
     channel = block.ChannelGate.from_pools(mean, peak)
     pooled, _ = ops.cbam_spatial_pools(x, scale, shift, channel)
     with _native_convolution():
         spatial = block.SpatialGate.gate(pooled, x.dtype)
-    out = torch.empty_like(x) if identity is None else x
     ops.cbam_apply(x, scale, shift, channel, spatial, identity, out)
     return out
+
+
+def _kernel_gates(block: ConvolutionalBlockAttention) -> tuple | None:
+    """What ``cbam_inference`` needs to compute both gates itself, or None where its fixed
+    forms do not cover the block (then the gates run in PyTorch): a ReLU MLP, and a square
+    odd-sized conv without bias followed by a BN that uses its running statistics."""
+    _, first, act, second = block.ChannelGate.mlp
+    conv, norm = block.SpatialGate.spatial
+    if (type(act) is not nn.ReLU or first.bias is None or second.bias is None
+            or type(norm) is not nn.BatchNorm2d or norm.training or norm.running_mean is None
+            or norm.running_var.dtype != conv.weight.dtype
+            or conv.bias is not None or conv.kernel_size[0] != conv.kernel_size[1]
+            or conv.padding != (conv.kernel_size[0] // 2,) * 2 or conv.stride != (1, 1)
+            or conv.dilation != (1, 1)):
+        return None
+    return (first.weight, first.bias, second.weight, second.bias, conv.weight,
+            norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
 
 
 class _KernelCBAM(torch.autograd.Function):

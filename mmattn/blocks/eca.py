@@ -89,3 +89,7 @@ class EfficientChannelAttention(MeanGateMixin, BaseModule):
     def gate_from_pools(self, mean: torch.Tensor, peak: None = None) -> torch.Tensor:
         """(N, C) spatial means -> the (N, C) gate (see ``blocks._channel_gate``)."""
         return torch.sigmoid(self.conv(mean[:, None]))[:, 0]
+
+    def inference_kernel(self) -> tuple[str, tuple[torch.Tensor, ...]]:
+        """``mmattn::eca_inference`` (see ``MeanGateMixin``)."""
+        return 'eca_inference', (self.conv.weight, )

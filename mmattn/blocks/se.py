@@ -69,3 +69,10 @@ class SqueezeExcitation(MeanGateMixin, BaseModule):
         """(N, C) spatial means -> the (N, C) gate (see ``blocks._channel_gate``)."""
         # A model cast to half without autocast has half weights: meet them in their dtype.
         return self.gate(self.fc(mean.to(self.fc[0].weight.dtype)))
+
+    def inference_kernel(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+        """``mmattn::se_inference`` for the default ReLU and sigmoid (see ``MeanGateMixin``)."""
+        squeeze, act, excite = self.fc
+        if type(act) is not nn.ReLU or type(self.gate) is not nn.Sigmoid:
+            return None
+        return 'se_inference', (squeeze.weight, squeeze.bias, excite.weight, excite.bias)

@@ -3,11 +3,12 @@
 //
 // Forward: one pass for x's spatial mean and max per channel (the channel gate's input), one
 // for the channel-wise max and mean of x * channel per position (the spatial gate's input), one
-// for the output; x * channel is never stored. The two gates themselves (an MLP and a 7x7 conv
-// on small tensors) stay in PyTorch. Backward: one pass for the gates' gradients, one for what
-// the spatial pools send back to the channel gate, one for x's gradient. The math is
-// mmattn/blocks/cbam.py's.
-#include "vec_loops.h"
+// for the output; x * channel is never stored. With autograd the two gates themselves (an MLP
+// and a 7x7 conv on small tensors) stay in PyTorch; without it, cbam_inference computes them
+// here too, so that the whole block is one call. Backward: one pass for the gates' gradients,
+// one for what the spatial pools send back to the channel gate, one for x's gradient. The math
+// is mmattn/blocks/cbam.py's.
+#include "gates.h"
 
 namespace mmattn {
 namespace {
@@ -356,6 +357,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_input_grad(
   return {grad_x, folded ? by_src.sum(0) : by_src, folded ? by_one.sum(0) : by_one};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Without autograd: both gates computed here, between the passes (see gates.h for why).
+
+// The spatial gate sigmoid(a * conv(pooled) + b) per position: conv a k x k convolution of the
+// (N, 2, H, W) pools to one map, zero padding k / 2, stride 1, no bias; a and b an eval-mode BN.
+template <typename T>
+void conv_spatial_gate(const T* pooled, int64_t batch, int64_t height, int64_t width,
+                       const T* weight, int64_t k, T a, T b, T* gate) {
+  const int64_t pad = k / 2;
+  at::parallel_for(0, batch * height, 4, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / height, y = task % height;
+      std::fill(row.begin(), row.end(), T(0));
+      for (int64_t c = 0; c < 2; ++c) {
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const int64_t iy = y + ky - pad;
+          if (iy < 0 || iy >= height) continue;
+          const T* in = pooled + ((n * 2 + c) * height + iy) * width;
+          for (int64_t kx = 0; kx < k; ++kx) {
+            // out[x] += w * in[x + dx] for the x whose input is inside the map.
+            const int64_t dx = kx - pad;
+            const int64_t first = std::max<int64_t>(0, -dx), last = std::min(width, width - dx);
+            if (first < last) {
+              axpy(weight[(c * k + ky) * k + kx], in + first + dx, row.data() + first,
+                   last - first);
+            }
+          }
+        }
+      }
+      T* out = gate + task * width;
+      const Vec<T> av(a), bv(b);
+      for_each_vec<T>(width, [&](int64_t p, int64_t n_lanes) {
+        sigmoid(at::vec::fmadd(Vec<T>::loadu(row.data() + p, n_lanes), av, bv))
+            .store(out + p, n_lanes);
+      });
+    }
+  });
+}
+
+// The block without autograd, in one call: out = x * channel * spatial (+ identity), x given as
+// the frozen BN's input with scale and shift. The channel gate's MLP has a ReLU (w1, b1, w2, b2
+// as nn.Linear keeps them); the spatial gate's conv (weight (1, 2, k, k)) is followed by an
+// eval-mode BN with one channel (mean, var, optional weight and bias, eps).
+void cbam_inference(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift,
+                    const std::optional<at::Tensor>& identity, at::Tensor& out,
+                    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2, const at::Tensor& conv_weight,
+                    const at::Tensor& bn_mean, const at::Tensor& bn_var,
+                    const std::optional<at::Tensor>& bn_weight,
+                    const std::optional<at::Tensor>& bn_bias, double eps) {
+  check_nchw("cbam_inference", {x, out, conv_weight});
+  const int64_t batch = x.size(0), channels = x.size(1), hidden = w1.size(0);
+  const int64_t k = conv_weight.size(3);
+  TORCH_CHECK(w1.is_contiguous() && w2.is_contiguous() && w1.size(1) == channels &&
+                  w2.size(0) == channels && w2.size(1) == hidden &&
+                  conv_weight.size(0) == 1 && conv_weight.size(1) == 2 &&
+                  conv_weight.size(2) == k && k % 2 == 1,
+              "cbam_inference: unexpected weight shapes ", w1.sizes(), " ", w2.sizes(), " ",
+              conv_weight.sizes(), " for ", channels, " channels");
+  auto [means, maxima, unused] = cbam_channel_pools(x, scale, shift, false);
+  auto channel = at::empty_like(means);
+  auto spatial = at::empty({batch, 1, x.size(2), x.size(3)}, x.options());
+  at::Tensor pooled;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_inference", [&] {
+    using T = scalar_t;
+    // sigmoid(mlp(mean) + mlp(max)), both through the MLP as one batch of 2N, as cbam.py does.
+    const auto both = at::cat({means, maxima});
+    const auto mlp = relu_mlp(both.const_data_ptr<T>(), 2 * batch, channels,
+                              w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), hidden,
+                              w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
+    T* gate = channel.data_ptr<T>();
+    for (int64_t i = 0; i < batch * channels; ++i) {
+      gate[i] = scalar_sigmoid(mlp[i] + mlp[batch * channels + i]);
+    }
+  });
+  pooled = std::get<0>(cbam_spatial_pools(x, scale, shift, channel));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_inference", [&] {
+    using T = scalar_t;
+    // The BN as a * v + b, as torch computes it: (v - mean) / sqrt(var + eps) * weight + bias.
+    const T inv_std = T(1) / std::sqrt(bn_var.const_data_ptr<T>()[0] + static_cast<T>(eps));
+    const T a = inv_std * (bn_weight.has_value() ? bn_weight->const_data_ptr<T>()[0] : T(1));
+    const T b = (bn_bias.has_value() ? bn_bias->const_data_ptr<T>()[0] : T(0)) -
+                bn_mean.const_data_ptr<T>()[0] * a;
+    conv_spatial_gate<T>(pooled.const_data_ptr<T>(), batch, x.size(2), x.size(3),
+                         conv_weight.const_data_ptr<T>(), k, a, b, spatial.data_ptr<T>());
+  });
+  cbam_apply(x, scale, shift, channel, spatial, identity, out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmattn, m) {
@@ -379,6 +471,10 @@ TORCH_LIBRARY_FRAGMENT(mmattn, m) {
         "Tensor spatial, Tensor grad_pooled, Tensor pool_argmax, Tensor grad_mean, "
         "Tensor grad_max, Tensor max_argmax) -> (Tensor, Tensor, Tensor)",
         &cbam_input_grad);
+  m.def("cbam_inference(Tensor x, Tensor? scale, Tensor? shift, Tensor? identity, "
+        "Tensor(a!) out, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor conv_weight, "
+        "Tensor bn_mean, Tensor bn_var, Tensor? bn_weight, Tensor? bn_bias, float eps) -> ()",
+        &cbam_inference);
 }
 
 }  // namespace mmattn

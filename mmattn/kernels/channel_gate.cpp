@@ -1,9 +1,14 @@
-// A per-(sample, channel) gate with a frozen BN folded in, plus the residual, in one pass.
+// Per-(sample, channel) gates (mmattn/blocks/_channel_gate.py): one pass each where PyTorch
+// needs two or three.
 //
-// SE and ECA after bn3 compute identity + g * (src * scale + shift) = src * a + b + identity
-// with a = g * scale and b = g * shift per (n, c) (mmattn/blocks/_channel_gate.py). PyTorch
-// needs two passes for it (the affine map, then the add); this is one.
-#include "vec_loops.h"
+// Forward: SE and ECA after bn3, with the frozen BN folded in, compute
+// identity + g * (src * scale + shift) = src * a + b + identity with a = g * scale and
+// b = g * shift per (n, c): an affine map, then the add, in PyTorch.
+// Without autograd, se_inference and eca_inference are the whole block (the pool, the gate and
+// that pass) in one call.
+// Backward: the gate's gradient needs, per (n, c), the sums over H x W of grad * x and of grad:
+// a product written out and two sums, in PyTorch.
+#include "gates.h"
 
 namespace mmattn {
 namespace {
@@ -35,9 +40,109 @@ void channel_affine_residual(const at::Tensor& src, const at::Tensor& a, const a
   });
 }
 
+// identity + g * x for x = src * scale + shift, with g (N, C) = gate(the spatial means of x): a
+// pass for the means, the gate (gate(means, g) fills g), and channel_affine_residual's pass.
+template <typename Gate>
+void folded_gate_residual(const char* op, const at::Tensor& src, const at::Tensor& scale,
+                          const at::Tensor& shift, const at::Tensor& identity, at::Tensor& out,
+                          const Gate& gate) {
+  check_nchw(op, {src, identity, out});
+  const int64_t channels = src.size(1), rows = src.size(0) * channels;
+  const int64_t hw = src.size(2) * src.size(3);
+  auto means = at::empty({src.size(0), channels}, src.options());
+  auto a = at::empty_like(means), b = at::empty_like(means);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "folded_gate_residual", [&] {
+    using T = scalar_t;
+    const T* xs = src.const_data_ptr<T>();
+    const T* s = scale.const_data_ptr<T>();
+    const T* t = shift.const_data_ptr<T>();
+    T* mean = means.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t c = row % channels;
+        mean[row] = sum(xs + row * hw, hw) / static_cast<T>(hw) * s[c] + t[c];
+      }
+    });
+    T* g = a.data_ptr<T>();
+    gate(mean, g);
+    T* bs = b.data_ptr<T>();
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t c = row % channels;
+      bs[row] = g[row] * t[c];
+      g[row] = g[row] * s[c];  // a = g * scale, written over g
+    }
+  });
+  channel_affine_residual(src, a, b, identity, out);
+}
+
+// SE with its default ReLU and sigmoid: g = sigmoid(w2 relu(w1 mean + b1) + b2).
+void se_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+                  const at::Tensor& identity, at::Tensor& out, const at::Tensor& w1,
+                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  const int64_t batch = src.size(0), channels = src.size(1), hidden = w1.size(0);
+  TORCH_CHECK(w1.is_contiguous() && w2.is_contiguous() && w1.size(1) == channels &&
+                  w2.size(0) == channels && w2.size(1) == hidden,
+              "se_inference: weights ", w1.sizes(), " and ", w2.sizes(), " do not fit ",
+              channels, " channels");
+  folded_gate_residual("se_inference", src, scale, shift, identity, out, [&](auto* mean,
+                                                                              auto* gate) {
+    using T = std::remove_pointer_t<decltype(gate)>;
+    const auto logits = relu_mlp(static_cast<const T*>(mean), batch, channels,
+                                 w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), hidden,
+                                 w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
+    for (int64_t i = 0; i < batch * channels; ++i) gate[i] = scalar_sigmoid(logits[i]);
+  });
+}
+
+// ECA: g = sigmoid(the 1-D convolution of the means along the channels, weight (1, 1, k)).
+void eca_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+                   const at::Tensor& identity, at::Tensor& out, const at::Tensor& weight) {
+  const int64_t batch = src.size(0), channels = src.size(1), k = weight.size(-1);
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == k && k % 2 == 1,
+              "eca_inference: expects a (1, 1, k) weight with odd k, got ", weight.sizes());
+  folded_gate_residual("eca_inference", src, scale, shift, identity, out, [&](auto* mean,
+                                                                               auto* gate) {
+    using T = std::remove_pointer_t<decltype(gate)>;
+    channel_conv(static_cast<const T*>(mean), batch, channels, weight.const_data_ptr<T>(), k,
+                 gate);
+    for (int64_t i = 0; i < batch * channels; ++i) gate[i] = scalar_sigmoid(gate[i]);
+  });
+}
+
+// (sum over H x W of grad * x, sum over H x W of grad), each (N, C), in one pass.
+std::tuple<at::Tensor, at::Tensor> channel_grad_sums(const at::Tensor& grad, const at::Tensor& x) {
+  check_nchw("channel_grad_sums", {grad, x});
+  const int64_t rows = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
+  auto by_x = at::empty({x.size(0), x.size(1)}, x.options());
+  auto by_one = at::empty_like(by_x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_grad_sums", [&] {
+    using T = scalar_t;
+    const T* gs = grad.const_data_ptr<T>();
+    const T* xs = x.const_data_ptr<T>();
+    T* by_xs = by_x.data_ptr<T>();
+    T* by_ones = by_one.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const T* g = gs + row * hw;
+        const T* v = xs + row * hw;
+        by_xs[row] = dot_product(g, v, hw);
+        by_ones[row] = sum(g, hw);  // grad's row is still in L1/L2 from the dot product
+      }
+    });
+  });
+  return {by_x, by_one};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmattn, m) {
+  m.def("channel_grad_sums(Tensor grad, Tensor x) -> (Tensor, Tensor)", &channel_grad_sums);
+  m.def("se_inference(Tensor src, Tensor scale, Tensor shift, Tensor identity, Tensor(a!) out, "
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> ()",
+        &se_inference);
+  m.def("eca_inference(Tensor src, Tensor scale, Tensor shift, Tensor identity, "
+        "Tensor(a!) out, Tensor weight) -> ()",
+        &eca_inference);
   m.def("channel_affine_residual(Tensor src, Tensor a, Tensor b, Tensor identity, "
         "Tensor(a!) out) -> ()",
         &channel_affine_residual);

@@ -53,13 +53,16 @@ def state_of(block: ConvolutionalBlockAttention) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures('kernel_path')
+@pytest.mark.parametrize('autograd', [True, False], ids=['autograd', 'no_grad'])
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
 @pytest.mark.parametrize('shape', [(2, 32, 9, 11), (1, 32, 7, 7), (3, 32, 2, 1)])
-def test_matches_cbam_op_sequence(training, shape):
+def test_matches_cbam_op_sequence(training, shape, autograd):
+    # Without autograd, eval mode runs the whole block in one kernel call (gates included).
     block = randomised().train(training)
     x = torch.randn(shape)
     expected = reference_cbam(x, state_of(block), training)
-    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.set_grad_enabled(autograd):
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.usefixtures('kernel_path')

@@ -179,6 +179,7 @@ def test_folded_norm_gradcheck(folded_case):
     assert gradcheck(fn, (doubled(2, 8, 3, 5), scale, shift, doubled(2, 8, 3, 5), *params))
 
 
+@pytest.mark.usefixtures('kernel_path')
 def test_folded_norm_equals_bn_and_block(folded_case):
     # Against nn.BatchNorm2d in eval mode and the block's own forward, outputs and gradients.
     block, norm_first = folded_case
@@ -203,9 +204,9 @@ def test_folded_norm_equals_bn_and_block(folded_case):
             assert got is None or not got.any()
         else:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():  # the same without autograd
-        again = (norm_gate_residual(block, src, scale, shift, identity) if norm_first
-                 else gate_norm(block, src, scale, shift))
+    with torch.no_grad():  # the same without autograd (which may write over src)
+        again = (norm_gate_residual(block, src.clone(), scale, shift, identity) if norm_first
+                 else gate_norm(block, src.clone(), scale, shift))
     torch.testing.assert_close(again, expected.detach(), rtol=1e-12, atol=1e-12)
 
 

@@ -176,12 +176,74 @@ def test_cbam_with_a_frozen_bn_folded_equals_the_bn_then_the_block():
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('plugin', ['SqueezeExcitation', 'EfficientChannelAttention'])
-def test_se_and_eca_fold_a_frozen_bn3_in_inference_through_the_kernel(plugin, kernel_path):
+@pytest.mark.parametrize('cfg, op', [
+    (dict(type='SqueezeExcitation'), 'mmattn::se_inference'),
+    (dict(type='SqueezeExcitation', act_cfg=dict(type='GELU')), 'mmattn::channel_affine_residual'),
+    (dict(type='EfficientChannelAttention'), 'mmattn::eca_inference'),
+    (dict(type='ConvolutionalBlockAttention'), 'mmattn::cbam_inference'),
+    (dict(type='ConvolutionalBlockAttention', act_cfg=dict(type='GELU')), 'mmattn::cbam_apply'),
+], ids=['se', 'se_gelu', 'eca', 'cbam', 'cbam_gelu'])
+def test_inference_folds_a_frozen_bn3_into_one_kernel_call(cfg, op, kernel_path):
+    # One call for the whole block where the kernels have the block's gate functions; other
+    # activations compute the gate in PyTorch between the kernels' passes.
     from mmattn.backbones import AttnResNet
     model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
                        out_indices=(0, ), norm_eval=True,
-                       plugins=[dict(cfg=dict(type=plugin), position='after_conv3')]).eval()
+                       plugins=[dict(cfg=cfg, position='after_conv3')]).eval()
     with torch.no_grad():
         names = op_names(lambda: model(torch.randn(1, 3, 32, 32)))
-    assert ('mmattn::channel_affine_residual' in names) == (kernel_path == 'kernels')
+    ran = {name for name in names if name.startswith('mmattn::')}
+    if kernel_path == 'eager':
+        assert not ran
+    elif op.endswith('_inference'):
+        assert ran == {op}
+    else:
+        assert op in ran and not any(name.endswith('_inference') for name in ran)
+
+
+def bn_then(block: torch.nn.Module, channels: int) -> tuple[torch.nn.BatchNorm2d, torch.Tensor]:
+    """A frozen BN with random statistics and some negative scales, and random block weights."""
+    bn = torch.nn.BatchNorm2d(channels).double().eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-1.5, 1.5)
+        bn.bias.normal_()
+    return bn
+
+
+@pytest.mark.parametrize('name', ['se', 'eca', 'cbam'])
+def test_inference_kernels_equal_the_bn_then_the_block(name):
+    # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector;
+    # 64 channels: hidden widths of 4 (SE, CBAM) and ECA's kernel of 3.
+    from mmattn.backbones.res_blocks import frozen_affine
+    from mmattn.blocks import EfficientChannelAttention, SqueezeExcitation
+    make = {'se': SqueezeExcitation, 'eca': EfficientChannelAttention,
+            'cbam': ConvolutionalBlockAttention}[name]
+    block = make(64).double().eval()
+    bn = bn_then(block, 64)
+    if name == 'cbam':
+        with torch.no_grad():
+            block.SpatialGate.spatial.bn.running_mean.fill_(0.3)
+            block.SpatialGate.spatial.bn.running_var.fill_(1.7)
+    src = torch.randn(2, 64, 33, 35, dtype=torch.float64)
+    identity = torch.randn_like(src)
+    with torch.no_grad():
+        expected = block(bn(src)) + identity  # as modules, no fusion
+        scale, shift = frozen_affine(bn)
+        assert block.folds_norm(src, identity)
+        names = op_names(lambda: block.fused_norm_residual(src, scale, shift, identity))
+    assert {n for n in names if n.startswith('mmattn::')} == {f'mmattn::{name}_inference'}
+    torch.testing.assert_close(src, expected, rtol=1e-12, atol=1e-12)  # written over src
+
+
+def test_channel_gate_backward_sums_in_one_kernel_pass():
+    from mmattn.blocks import SqueezeExcitation
+    block = SqueezeExcitation(16)
+    src = torch.randn(2, 16, 5, 7, requires_grad=True)
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    out = block.fused_norm_residual(src, scale, shift, torch.randn(2, 16, 5, 7))
+    upstream = torch.randn_like(out)  # a contiguous gradient, as a network's layers send
+    assert 'mmattn::channel_grad_sums' in op_names(lambda: (out * upstream).sum().backward())
