@@ -58,6 +58,11 @@ class PooledGateMixin:
         this block's configuration."""
         return None
 
+    def pre_norm_inference_kernel(self) -> tuple[str, tuple[torch.Tensor | None, ...]] | None:
+        """As :meth:`inference_kernel`, for ``self(x) * scale + shift`` (the block before a
+        frozen BN, :func:`gate_norm`); the op takes ``x, scale, shift, out`` and the weights."""
+        return None
+
 
 class MeanGateMixin(PooledGateMixin):
     """:class:`PooledGateMixin` for a gate of spatial means only, which a frozen BN before the
@@ -83,10 +88,13 @@ def _pool_leaves(block: nn.Module,
 
     Call inside :func:`fp32_region` and without autograd.
     """
-    mean = spatial_mean(x)
     if not block.pools_max:
-        return [mean.requires_grad_()], None
-    peak, index = x.flatten(2).max(dim=2)
+        return [spatial_mean(x).requires_grad_()], None
+    if kernels.usable(x):  # both pools in one pass
+        mean, peak, index = torch.ops.mmattn.channel_pools(x, None, None, True)
+    else:
+        mean = spatial_mean(x)
+        peak, index = x.flatten(2).max(dim=2)
     return [mean.requires_grad_(), peak.to(mean.dtype).requires_grad_()], index
 
 
@@ -256,8 +264,7 @@ def norm_gate_residual(block: nn.Module, src: torch.Tensor, scale: torch.Tensor,
     kernel = None if torch.is_grad_enabled() else block.inference_kernel()
     if kernel is not None and kernels.usable(src, scale, shift, identity, *kernel[1]):
         name, weights = kernel
-        op = getattr(torch.ops.mmattn, name)
-        op(src, scale, shift, identity, src, *weights)  # the whole block, written over src
+        getattr(torch.ops.mmattn, name)(src, scale, shift, identity, src, *weights)
         return src
     return _folded(block, True, src, scale, shift, identity)
 
@@ -267,7 +274,14 @@ def gate_norm(block: nn.Module, x: torch.Tensor, scale: torch.Tensor,
     """``(x * g(x)) * scale + shift``: the gate, then a frozen BN, in one pass over x.
 
     Backward keeps x, which the BN would keep as its input, and the (N, C) pools and gate.
+    Without autograd, a block's ``pre_norm_inference_kernel`` (where it has one and the kernels
+    take the tensors) computes it in one call and writes it over ``x``.
     """
+    kernel = None if torch.is_grad_enabled() else block.pre_norm_inference_kernel()
+    if kernel is not None and kernels.usable(x, scale, shift, *kernel[1]):
+        name, weights = kernel
+        getattr(torch.ops.mmattn, name)(x, scale, shift, x, *weights)
+        return x
     return _folded(block, False, x, scale, shift, None)
 
 

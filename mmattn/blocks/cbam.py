@@ -309,7 +309,7 @@ def _with_kernels(block: ConvolutionalBlockAttention, x: torch.Tensor,
     if gates is not None:
         ops.cbam_inference(x, scale, shift, identity, out, *gates)
         return out
-    mean, peak, _ = ops.cbam_channel_pools(x, scale, shift, False)
+    mean, peak, _ = ops.channel_pools(x, scale, shift, False)
     channel = block.ChannelGate.from_pools(mean, peak)
     pooled, _ = ops.cbam_spatial_pools(x, scale, shift, channel)
     with _native_convolution():
@@ -352,7 +352,7 @@ class _KernelCBAM(torch.autograd.Function):
                 identity: torch.Tensor | None, source: torch.Tensor | None,
                 fn: Callable | None, *params: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.mmattn
-        mean, peak, max_index = ops.cbam_channel_pools(x, scale, shift, True)
+        mean, peak, max_index = ops.channel_pools(x, scale, shift, True)
         leaves = [mean.requires_grad_(), peak.requires_grad_()]
         with torch.enable_grad():
             channel = block.ChannelGate.from_pools(*leaves)

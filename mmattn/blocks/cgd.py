@@ -108,6 +108,13 @@ class CompactGlobalDescriptor(PooledGateMixin, BaseModule):
             return 1 + self._cascade_gate(mean, peak)
         return 1 + torch.tanh(mean * (mean @ self.w0))
 
+    def pre_norm_inference_kernel(self) -> tuple[str, tuple[torch.Tensor | None, ...]]:
+        """``mmattn::cgd_inference`` (see ``PooledGateMixin``)."""
+        if self.mode == 'cascade':
+            return 'cgd_inference', (self.w0, self.w1, self.w2, self.bias0, self.bias1,
+                                     self.bias2)
+        return 'cgd_inference', (self.w0, None, None, None, None, None)
+
     def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` for a backbone that gives ``x`` up (see ``blocks._channel_gate``).
 

@@ -5,32 +5,41 @@
 // identity + g * (src * scale + shift) = src * a + b + identity with a = g * scale and
 // b = g * shift per (n, c): an affine map, then the add, in PyTorch.
 // Without autograd, se_inference and eca_inference are the whole block (the pool, the gate and
-// that pass) in one call.
+// that pass) in one call, and cgd_inference is CGD followed by a frozen bn1 (its pools in one
+// pass, channel_pools, which CGD's autograd path and CBAM use too).
 // Backward: the gate's gradient needs, per (n, c), the sums over H x W of grad * x and of grad:
 // a product written out and two sums, in PyTorch.
 #include "gates.h"
+#include "pools.h"
 
 namespace mmattn {
 namespace {
 
-// out = src * a[n, c] + b[n, c] + identity, with a and b (N, C). out may be src itself.
+// out = src * a[n, c] + b[n, c] (+ identity), with a and b (N, C). out may be src itself.
 void channel_affine_residual(const at::Tensor& src, const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& identity, at::Tensor& out) {
-  check_nchw("channel_affine_residual", {src, identity, out});
+                             const std::optional<at::Tensor>& identity, at::Tensor& out) {
+  check_nchw("channel_affine_residual", {src, out});
+  if (identity.has_value()) check_nchw("channel_affine_residual", {*identity});
   const int64_t rows = src.size(0) * src.size(1), hw = src.size(2) * src.size(3);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "channel_affine_residual", [&] {
     using T = scalar_t;
     const T* xs = src.const_data_ptr<T>();
     const T* as = a.const_data_ptr<T>();
     const T* bs = b.const_data_ptr<T>();
-    const T* ids = identity.const_data_ptr<T>();
+    const T* ids = identity.has_value() ? identity->const_data_ptr<T>() : nullptr;
     T* outs = out.data_ptr<T>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const Vec<T> av(as[row]), bv(bs[row]);
         const T* x = xs + row * hw;
-        const T* id = ids + row * hw;
         T* o = outs + row * hw;
+        if (ids == nullptr) {
+          for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
+            at::vec::fmadd(Vec<T>::loadu(x + p, n), av, bv).store(o + p, n);
+          });
+          continue;
+        }
+        const T* id = ids + row * hw;
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
           (at::vec::fmadd(Vec<T>::loadu(x + p, n), av, bv) + Vec<T>::loadu(id + p, n))
               .store(o + p, n);
@@ -109,6 +118,60 @@ void eca_inference(const at::Tensor& src, const at::Tensor& scale, const at::Ten
   });
 }
 
+// CGD between conv1 and a frozen bn1: out = g * src * scale + shift with g = 1 + gate(the
+// spatial means (and maxima) of src). Cascade (w1 given): with p = softmax(mean) over the
+// channels, psi = tanh(p (mean . w0) + bias0), phi = tanh(p (max . w1) + bias1),
+// gate = tanh(psi (phi . w2) + bias2); plain: gate = tanh(mean (mean . w0)). Two passes: the
+// pools (mean and max together), and the output.
+void cgd_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+                   at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& w1,
+                   const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& bias0,
+                   const std::optional<at::Tensor>& bias1,
+                   const std::optional<at::Tensor>& bias2) {
+  const int64_t batch = src.size(0), channels = src.size(1);
+  const bool cascade = w1.has_value();
+  TORCH_CHECK(w0.numel() == channels && (!cascade || (w2.has_value() && bias0.has_value() &&
+                                                      bias1.has_value() && bias2.has_value())),
+              "cgd_inference: expects w0 of ", channels, " values, and w1, w2 and the three "
+              "biases together (cascade) or none of them (plain)");
+  auto [means, maxima, unused] = channel_pools(src, std::nullopt, std::nullopt, false);
+  auto a = at::empty_like(means), b = at::empty_like(means);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cgd_inference", [&] {
+    using T = scalar_t;
+    const T* s = scale.const_data_ptr<T>();
+    const T* t = shift.const_data_ptr<T>();
+    std::vector<T> softmax(channels), psi(channels), phi(channels);
+    for (int64_t n = 0; n < batch; ++n) {
+      const T* mean = means.const_data_ptr<T>() + n * channels;
+      T* as = a.data_ptr<T>() + n * channels;
+      T* bs = b.data_ptr<T>() + n * channels;
+      const T by_w0 = dot_product(mean, w0.const_data_ptr<T>(), channels);
+      if (cascade) {
+        const T top = *std::max_element(mean, mean + channels);
+        T total(0);
+        for (int64_t c = 0; c < channels; ++c) total += softmax[c] = std::exp(mean[c] - top);
+        const T* peak = maxima.const_data_ptr<T>() + n * channels;
+        const T by_w1 = dot_product(peak, w1->const_data_ptr<T>(), channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          const T p = softmax[c] / total;
+          psi[c] = std::tanh(p * by_w0 + bias0->const_data_ptr<T>()[c]);
+          phi[c] = std::tanh(p * by_w1 + bias1->const_data_ptr<T>()[c]);
+        }
+        const T by_w2 = dot_product(phi.data(), w2->const_data_ptr<T>(), channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          as[c] = (T(1) + std::tanh(psi[c] * by_w2 + bias2->const_data_ptr<T>()[c])) * s[c];
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          as[c] = (T(1) + std::tanh(mean[c] * by_w0)) * s[c];
+        }
+      }
+      std::copy(t, t + channels, bs);
+    }
+  });
+  channel_affine_residual(src, a, b, std::nullopt, out);
+}
+
 // (sum over H x W of grad * x, sum over H x W of grad), each (N, C), in one pass.
 std::tuple<at::Tensor, at::Tensor> channel_grad_sums(const at::Tensor& grad, const at::Tensor& x) {
   check_nchw("channel_grad_sums", {grad, x});
@@ -136,14 +199,21 @@ std::tuple<at::Tensor, at::Tensor> channel_grad_sums(const at::Tensor& grad, con
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmattn, m) {
+  // scale, shift: a frozen BN folded in; x is then the BN's input (see pools.h's Input).
+  m.def("channel_pools(Tensor x, Tensor? scale, Tensor? shift, bool with_argmax) "
+        "-> (Tensor, Tensor, Tensor)",
+        &channel_pools);
   m.def("channel_grad_sums(Tensor grad, Tensor x) -> (Tensor, Tensor)", &channel_grad_sums);
+  m.def("cgd_inference(Tensor src, Tensor scale, Tensor shift, Tensor(a!) out, Tensor w0, "
+        "Tensor? w1, Tensor? w2, Tensor? bias0, Tensor? bias1, Tensor? bias2) -> ()",
+        &cgd_inference);
   m.def("se_inference(Tensor src, Tensor scale, Tensor shift, Tensor identity, Tensor(a!) out, "
         "Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> ()",
         &se_inference);
   m.def("eca_inference(Tensor src, Tensor scale, Tensor shift, Tensor identity, "
         "Tensor(a!) out, Tensor weight) -> ()",
         &eca_inference);
-  m.def("channel_affine_residual(Tensor src, Tensor a, Tensor b, Tensor identity, "
+  m.def("channel_affine_residual(Tensor src, Tensor a, Tensor b, Tensor? identity, "
         "Tensor(a!) out) -> ()",
         &channel_affine_residual);
 }

@@ -5,6 +5,7 @@ The kernels' math is checked where each block's is: the blocks' tests run once p
 ``kernel_path`` fixture), against independent implementations of the papers' op sequences.
 """
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def cbam_block() -> ConvolutionalBlockAttention:
 
 BLOCKS = {
     'sge': (sge_block, {'mmattn::sge_forward', 'mmattn::sge_backward'}),
-    'cbam': (cbam_block, {'mmattn::cbam_channel_pools', 'mmattn::cbam_spatial_pools',
+    'cbam': (cbam_block, {'mmattn::channel_pools', 'mmattn::cbam_spatial_pools',
                           'mmattn::cbam_apply', 'mmattn::cbam_gate_grads',
                           'mmattn::cbam_pool_channel_grad', 'mmattn::cbam_input_grad'}),
 }
@@ -182,14 +183,18 @@ def test_cbam_with_a_frozen_bn_folded_equals_the_bn_then_the_block():
     (dict(type='EfficientChannelAttention'), 'mmattn::eca_inference'),
     (dict(type='ConvolutionalBlockAttention'), 'mmattn::cbam_inference'),
     (dict(type='ConvolutionalBlockAttention', act_cfg=dict(type='GELU')), 'mmattn::cbam_apply'),
-], ids=['se', 'se_gelu', 'eca', 'cbam', 'cbam_gelu'])
-def test_inference_folds_a_frozen_bn3_into_one_kernel_call(cfg, op, kernel_path):
-    # One call for the whole block where the kernels have the block's gate functions; other
-    # activations compute the gate in PyTorch between the kernels' passes.
+    (dict(type='CompactGlobalDescriptor'), 'mmattn::cgd_inference'),
+    (dict(type='CompactGlobalDescriptor', mode='plain'), 'mmattn::cgd_inference'),
+], ids=['se', 'se_gelu', 'eca', 'cbam', 'cbam_gelu', 'cgd', 'cgd_plain'])
+def test_inference_folds_a_frozen_bn_into_one_kernel_call(cfg, op, kernel_path):
+    # One call for the whole block and the BN next to it (bn3 before SE, ECA, CBAM; bn1 after
+    # CGD) where the kernels have the block's gate functions; other activations compute the
+    # gate in PyTorch between the kernels' passes.
     from mmattn.backbones import AttnResNet
+    position = 'after_conv1_pre_norm' if cfg['type'] == 'CompactGlobalDescriptor' else 'after_conv3'
     model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
                        out_indices=(0, ), norm_eval=True,
-                       plugins=[dict(cfg=cfg, position='after_conv3')]).eval()
+                       plugins=[dict(cfg=cfg, position=position)]).eval()
     with torch.no_grad():
         names = op_names(lambda: model(torch.randn(1, 3, 32, 32)))
     ran = {name for name in names if name.startswith('mmattn::')}
@@ -214,14 +219,15 @@ def bn_then(block: torch.nn.Module, channels: int) -> tuple[torch.nn.BatchNorm2d
     return bn
 
 
-@pytest.mark.parametrize('name', ['se', 'eca', 'cbam'])
-def test_inference_kernels_equal_the_bn_then_the_block(name):
+@pytest.mark.parametrize('name', ['se', 'eca', 'cbam', 'cgd', 'cgd_plain'])
+def test_inference_kernels_equal_the_bn_and_the_block(name):
     # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector;
     # 64 channels: hidden widths of 4 (SE, CBAM) and ECA's kernel of 3.
     from mmattn.backbones.res_blocks import frozen_affine
-    from mmattn.blocks import EfficientChannelAttention, SqueezeExcitation
+    from mmattn.blocks import CompactGlobalDescriptor, EfficientChannelAttention, SqueezeExcitation
     make = {'se': SqueezeExcitation, 'eca': EfficientChannelAttention,
-            'cbam': ConvolutionalBlockAttention}[name]
+            'cbam': ConvolutionalBlockAttention, 'cgd': CompactGlobalDescriptor,
+            'cgd_plain': partial(CompactGlobalDescriptor, mode='plain')}[name]
     block = make(64).double().eval()
     bn = bn_then(block, 64)
     if name == 'cbam':
@@ -231,11 +237,16 @@ def test_inference_kernels_equal_the_bn_then_the_block(name):
     src = torch.randn(2, 64, 33, 35, dtype=torch.float64)
     identity = torch.randn_like(src)
     with torch.no_grad():
-        expected = block(bn(src)) + identity  # as modules, no fusion
         scale, shift = frozen_affine(bn)
-        assert block.folds_norm(src, identity)
-        names = op_names(lambda: block.fused_norm_residual(src, scale, shift, identity))
-    assert {n for n in names if n.startswith('mmattn::')} == {f'mmattn::{name}_inference'}
+        if name.startswith('cgd'):  # CGD, then bn1
+            expected = bn(block(src))  # as modules, no fusion
+            names = op_names(lambda: block.fused_pre_norm(src, scale, shift))
+        else:  # bn3, then the block and the residual add
+            expected = block(bn(src)) + identity
+            assert block.folds_norm(src, identity)
+            names = op_names(lambda: block.fused_norm_residual(src, scale, shift, identity))
+    op = 'mmattn::' + name.removesuffix('_plain') + '_inference'
+    assert {n for n in names if n.startswith('mmattn::')} == {op}
     torch.testing.assert_close(src, expected, rtol=1e-12, atol=1e-12)  # written over src
 
 
