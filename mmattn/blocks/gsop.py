@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
+from .. import kernels
 from ._common import Restore, fp32_region, gated_residual, stat_dtype
 
 # The authors' fusion modes, by our name: '1', '2', '+' and 'M' in their code.
@@ -69,7 +70,9 @@ class GlobalSecondOrderPooling(BaseModule):
     In :class:`~mmattn.backbones.AttnResNet` the channel gate is applied inside
     the residual add (``fused_residual``), and backward forms the gate's
     gradient from bn3's input instead of keeping the block's input (see
-    ``mmattn.blocks._common``).
+    ``mmattn.blocks._common``). Without autograd on the CPU, a frozen bn3 is
+    folded into two kernel passes (:mod:`mmattn.kernels`): the rectified,
+    subsampled input, and the gated residual add.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -163,6 +166,25 @@ class GlobalSecondOrderPooling(BaseModule):
         s = self.dr_stride
         gate = self._channel_attention(F.relu(x[:, :, ::s, ::s]))
         return gated_residual(x, gate, identity, restore)
+
+    def folds_norm(self, src: torch.Tensor, identity: torch.Tensor) -> bool:
+        """Whether :meth:`fused_norm_residual` takes these tensors: in channel mode, without
+        autograd, where the CPU kernels do."""
+        return (self.mode == 'channel' and not torch.is_grad_enabled()
+                and kernels.usable(src, identity))
+
+    def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                            identity: torch.Tensor) -> torch.Tensor:
+        """``identity + self(src * scale + shift)``, a frozen bn3 folded in, written over
+        ``src``, for tensors :meth:`folds_norm` accepts: the rectified, subsampled input in one
+        pass, and ``src * (gate * scale) + gate * shift + identity`` in another (without the
+        fold: bn3's pass, the ReLU's and the gated add)."""
+        ops = torch.ops.mmattn
+        rectified = ops.channel_affine_relu(src, scale, shift, self.dr_stride)
+        gate = self._channel_attention(rectified).flatten(1)
+        a, b = (gate * scale).to(src.dtype), (gate * shift).to(src.dtype)
+        ops.channel_affine_residual(src, a, b, identity, src)
+        return src
 
     def _position_modes(self, x: torch.Tensor) -> torch.Tensor:
         """forward() of the position, sum and max modes."""

@@ -172,6 +172,47 @@ void cgd_inference(const at::Tensor& src, const at::Tensor& scale, const at::Ten
   channel_affine_residual(src, a, b, std::nullopt, out);
 }
 
+// relu(src * scale[c] + shift[c]) at every stride-th row and column, (N, C, ceil(H / stride),
+// ceil(W / stride)): GSoP's rectified, subsampled input with a frozen bn3 folded in, in one pass
+// (PyTorch: the BN's pass, then the strided ReLU's).
+at::Tensor channel_affine_relu(const at::Tensor& src, const at::Tensor& scale,
+                               const at::Tensor& shift, int64_t stride) {
+  check_nchw("channel_affine_relu", {src});
+  TORCH_CHECK(stride >= 1, "channel_affine_relu: stride must be positive, got ", stride);
+  const int64_t channels = src.size(1), height = src.size(2), width = src.size(3);
+  const int64_t out_h = (height + stride - 1) / stride, out_w = (width + stride - 1) / stride;
+  auto out = at::empty({src.size(0), channels, out_h, out_w}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "channel_affine_relu", [&] {
+    using T = scalar_t;
+    const T* xs = src.const_data_ptr<T>();
+    const T* s = scale.const_data_ptr<T>();
+    const T* t = shift.const_data_ptr<T>();
+    T* outs = out.data_ptr<T>();
+    at::parallel_for(0, src.size(0) * channels, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t c = row % channels;
+        const T* x = xs + row * height * width;
+        T* o = outs + row * out_h * out_w;
+        if (stride == 1) {
+          const Vec<T> sv(s[c]), tv(t[c]), zero(T(0));
+          for_each_vec<T>(height * width, [&](int64_t p, int64_t n) {
+            at::vec::clamp_min(at::vec::fmadd(Vec<T>::loadu(x + p, n), sv, tv), zero)
+                .store(o + p, n);
+          });
+          continue;
+        }
+        for (int64_t i = 0; i < out_h; ++i) {
+          const T* in = x + i * stride * width;
+          for (int64_t j = 0; j < out_w; ++j) {
+            o[i * out_w + j] = relu(std::fma(in[j * stride], s[c], t[c]));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // (sum over H x W of grad * x, sum over H x W of grad), each (N, C), in one pass.
 std::tuple<at::Tensor, at::Tensor> channel_grad_sums(const at::Tensor& grad, const at::Tensor& x) {
   check_nchw("channel_grad_sums", {grad, x});
@@ -204,6 +245,8 @@ TORCH_LIBRARY_FRAGMENT(mmattn, m) {
         "-> (Tensor, Tensor, Tensor)",
         &channel_pools);
   m.def("channel_grad_sums(Tensor grad, Tensor x) -> (Tensor, Tensor)", &channel_grad_sums);
+  m.def("channel_affine_relu(Tensor src, Tensor scale, Tensor shift, int stride) -> Tensor",
+        &channel_affine_relu);
   m.def("cgd_inference(Tensor src, Tensor scale, Tensor shift, Tensor(a!) out, Tensor w0, "
         "Tensor? w1, Tensor? w2, Tensor? bias0, Tensor? bias1, Tensor? bias2) -> ()",
         &cgd_inference);

@@ -107,7 +107,8 @@ def test_fused_training_matches_unfused(block, norm_eval):
 
 @pytest.mark.parametrize('block', PLACED)
 def test_fused_inference_with_frozen_bn_matches_unfused(block):
-    # Where a plugin folds the frozen bn3 in without autograd too (CBAM's CPU kernels).
+    # Where a plugin folds the frozen BN in without autograd too (the CPU kernels: bn3 into SE,
+    # ECA, CBAM and GSoP, bn1 after CGD).
     model = network([PLACED[block]], norm_eval=True).eval()
     x = torch.randn(2, 3, 25, 29, dtype=torch.float64)
     with torch.no_grad():

@@ -258,3 +258,20 @@ def test_channel_gate_backward_sums_in_one_kernel_pass():
     out = block.fused_norm_residual(src, scale, shift, torch.randn(2, 16, 5, 7))
     upstream = torch.randn_like(out)  # a contiguous gradient, as a network's layers send
     assert 'mmattn::channel_grad_sums' in op_names(lambda: (out * upstream).sum().backward())
+
+
+@pytest.mark.parametrize('mode, grad, folded', [
+    ('channel', False, True), ('channel', True, False), ('sum', False, False)])
+def test_gsop_folds_a_frozen_bn3_in_channel_mode_inference(mode, grad, folded, kernel_path):
+    # The rectified, subsampled input and the gated add, each one kernel pass with bn3 in them.
+    from mmattn.backbones import AttnResNet
+    model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
+                       out_indices=(0, ), norm_eval=True,
+                       plugins=[dict(cfg=dict(type='GlobalSecondOrderPooling', mode=mode,
+                                              att_dim=8),
+                                     position='after_conv3', blocks='last')]).eval()
+    with torch.set_grad_enabled(grad):
+        names = op_names(lambda: model(torch.randn(1, 3, 32, 32)))
+    ran = {name for name in names if name.startswith('mmattn::')}
+    expected = {'mmattn::channel_affine_relu', 'mmattn::channel_affine_residual'}
+    assert ran == (expected if folded and kernel_path == 'kernels' else set())
