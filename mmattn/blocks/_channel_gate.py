@@ -58,6 +58,13 @@ class PooledGateMixin:
         this block's configuration."""
         return None
 
+    def gate_kernels(self) -> tuple[str, str, tuple[torch.Tensor | None, ...]] | None:
+        """The CPU kernel ops of ``gate_from_pools`` and of its backward, and the weights they
+        take after the pools (see ``mmattn::cgd_gate``), for a frozen BN folded in
+        (:func:`norm_gate_residual`, :func:`gate_norm`) with autograd; None (the default):
+        ``gate_from_pools`` is recorded and differentiated with autograd."""
+        return None
+
     def pre_norm_inference_kernel(self) -> tuple[str, tuple[torch.Tensor | None, ...]] | None:
         """As :meth:`inference_kernel`, for ``self(x) * scale + shift`` (the block before a
         frozen BN, :func:`gate_norm`); the op takes ``x, scale, shift, out`` and the weights."""
@@ -334,11 +341,20 @@ class _FoldedNorm(torch.autograd.Function):
         with fp32_region(src):
             leaves, index = _pool_leaves(block, src)
             affine = [t.detach().to(leaves[0].dtype).requires_grad_() for t in (scale, shift)]
-            with torch.enable_grad():
+            ctx.kernel = _gate_kernels(block, leaves, params)
+            if ctx.kernel is not None:  # the gate and its backward as one op each, no graph
+                pools = [leaf.detach() for leaf in leaves] + [None] * (2 - len(leaves))
                 if norm_first:  # the pools of x = src * scale + shift
-                    gate = block.gate_from_pools(leaves[0] * affine[0] + affine[1], None)
-                else:
-                    gate = block.gate_from_pools(*leaves, *([None] * (2 - len(leaves))))
+                    pools[0] = pools[0] * affine[0].detach() + affine[1].detach()
+                forward_op, _, weights = ctx.kernel
+                gate = getattr(torch.ops.mmattn, forward_op)(*pools, *weights)
+                ctx.pools = pools
+            else:
+                with torch.enable_grad():
+                    if norm_first:
+                        gate = block.gate_from_pools(leaves[0] * affine[0] + affine[1], None)
+                    else:
+                        gate = block.gate_from_pools(*leaves, *([None] * (2 - len(leaves))))
         g = gate.detach()
         ctx.dtypes = scale.dtype, shift.dtype
         ctx.norm_first, ctx.block_leaves = norm_first, leaves
@@ -362,19 +378,18 @@ class _FoldedNorm(torch.autograd.Function):
             grad_gate = by_src * s
             grad_s, grad_t = (g * by_src).sum(0), by_one.sum(0)
 
-        # Through g's graph: to the pools of src (with norm first, through x's pools, which
-        # the graph holds as mean(src) * s + t), the block's parameters, and s and t.
-        targets = [*ctx.block_leaves, *(ctx.affine if ctx.norm_first else []), *ctx.params]
-        grads = torch.autograd.grad(ctx.gate, targets, grad_gate.to(ctx.gate.dtype),
-                                    retain_graph=True, allow_unused=True)
-        grads = list(grads)
-        grad_mean = grads.pop(0)
-        grad_peak = grads.pop(0) if len(ctx.block_leaves) == 2 else None
-        if ctx.norm_first:
-            extra_s, extra_t = grads.pop(0), grads.pop(0)
-            grad_s = grad_s if extra_s is None else grad_s + extra_s
-            grad_t = grad_t if extra_t is None else grad_t + extra_t
-        grad_params = grads
+        # Through g: to the pools of src (with norm first, through x's pools, mean(src) * s + t),
+        # the block's parameters, and s and t.
+        if ctx.kernel is not None:
+            grad_mean, grad_peak, extra_s, extra_t, grad_params = _kernel_gate_grads(
+                ctx, grad_gate.to(g.dtype))
+        else:
+            grad_mean, grad_peak, extra_s, extra_t, grad_params = _graph_gate_grads(
+                ctx, grad_gate.to(ctx.gate.dtype))
+        if extra_s is not None:
+            grad_s = grad_s + extra_s
+        if extra_t is not None:
+            grad_t = grad_t + extra_t
 
         grad_src = None
         if ctx.needs_input_grad[2]:
@@ -383,3 +398,51 @@ class _FoldedNorm(torch.autograd.Function):
         grad_shift = grad_t.to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
         grad_identity = grad if ctx.needs_input_grad[5] else None
         return (None, None, grad_src, grad_scale, grad_shift, grad_identity, *grad_params)
+
+
+def _gate_kernels(block: nn.Module, pools: list[torch.Tensor],
+                  params: tuple[torch.Tensor, ...]) -> tuple[str, str, tuple] | None:
+    """The block's ``gate_kernels()`` where the CPU kernels take the pools and weights, and
+    the weights cover every parameter that is trained; else None (the gate's graph is recorded
+    and differentiated with autograd)."""
+    spec = block.gate_kernels()
+    if spec is None:
+        return None
+    weights = spec[2]
+    covered = {id(w) for w in weights if w is not None}
+    if not all(id(p) in covered for p in params) or not kernels.usable(*pools, *weights):
+        return None
+    return spec
+
+
+def _kernel_gate_grads(ctx, grad_gate: torch.Tensor) -> tuple:
+    """(grad_mean, grad_peak, extra_s, extra_t, grad_params) through the gate's backward op."""
+    _, backward_op, weights = ctx.kernel
+    grad_mean, grad_peak, *grad_weights = getattr(torch.ops.mmattn, backward_op)(
+        grad_gate.contiguous(), *ctx.pools, *weights)
+    extra_s = extra_t = None
+    if ctx.norm_first:  # the pool was mean(src) * s + t
+        mean = ctx.block_leaves[0].detach()
+        s = ctx.affine[0].detach()
+        extra_s, extra_t = (grad_mean * mean).sum(0), grad_mean.sum(0)
+        grad_mean = grad_mean * s
+    if len(ctx.block_leaves) < 2:
+        grad_peak = None
+    found = {id(w): grad for w, grad in zip(weights, grad_weights, strict=True) if w is not None}
+    grad_params = [found[id(p)].view_as(p) for p in ctx.params]
+    return grad_mean, grad_peak, extra_s, extra_t, grad_params
+
+
+def _graph_gate_grads(ctx, grad_gate: torch.Tensor) -> tuple:
+    """(grad_mean, grad_peak, extra_s, extra_t, grad_params) through the recorded gate graph."""
+    targets = [*ctx.block_leaves, *(ctx.affine if ctx.norm_first else []), *ctx.params]
+    # retain_graph: the graph is a few (N, C) tensors, freed with the node; keeping it lets a
+    # caller run backward twice (retain_graph=True outside, as gradcheck does).
+    grads = list(torch.autograd.grad(ctx.gate, targets, grad_gate, retain_graph=True,
+                                     allow_unused=True))
+    grad_mean = grads.pop(0)
+    grad_peak = grads.pop(0) if len(ctx.block_leaves) == 2 else None
+    extra_s = extra_t = None
+    if ctx.norm_first:
+        extra_s, extra_t = grads.pop(0), grads.pop(0)
+    return grad_mean, grad_peak, extra_s, extra_t, grads

@@ -3,7 +3,9 @@ import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ._channel_gate import PooledGateMixin, gate_inplace
 
 _MODES = ('cascade', 'plain')
@@ -103,17 +105,31 @@ class CompactGlobalDescriptor(PooledGateMixin, BaseModule):
         return self.mode == 'cascade'
 
     def gate_from_pools(self, mean: torch.Tensor, peak: torch.Tensor | None) -> torch.Tensor:
-        """(N, C) spatial means (and maxima) -> the (N, C) scale ``1 + gate``."""
+        """(N, C) spatial means (and maxima) -> the (N, C) scale ``1 + gate``.
+
+        On the CPU kernels' tensors, one op forward and one backward (``mmattn::cgd_gate``):
+        a dozen small ops each way otherwise, which cost more than their arithmetic.
+        """
+        weights = self._gate_weights()
+        if kernels.usable(mean, peak, *weights):
+            return _KernelGate.apply(mean, peak if self.mode == 'cascade' else None, *weights)
         if self.mode == 'cascade':
             return 1 + self._cascade_gate(mean, peak)
         return 1 + torch.tanh(mean * (mean @ self.w0))
 
+    def _gate_weights(self) -> tuple[torch.Tensor | None, ...]:
+        """w0, w1, w2, bias0, bias1, bias2 (None each but w0 in plain mode)."""
+        if self.mode == 'cascade':
+            return self.w0, self.w1, self.w2, self.bias0, self.bias1, self.bias2
+        return self.w0, None, None, None, None, None
+
+    def gate_kernels(self) -> tuple[str, str, tuple[torch.Tensor | None, ...]]:
+        """``mmattn::cgd_gate`` and its backward (see ``PooledGateMixin``)."""
+        return 'cgd_gate', 'cgd_gate_backward', self._gate_weights()
+
     def pre_norm_inference_kernel(self) -> tuple[str, tuple[torch.Tensor | None, ...]]:
         """``mmattn::cgd_inference`` (see ``PooledGateMixin``)."""
-        if self.mode == 'cascade':
-            return 'cgd_inference', (self.w0, self.w1, self.w2, self.bias0, self.bias1,
-                                     self.bias2)
-        return 'cgd_inference', (self.w0, None, None, None, None, None)
+        return 'cgd_inference', self._gate_weights()
 
     def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` for a backbone that gives ``x`` up (see ``blocks._channel_gate``).
@@ -129,3 +145,21 @@ class CompactGlobalDescriptor(PooledGateMixin, BaseModule):
         psi = torch.tanh(weights * (mean @ self.w0) + self.bias0.view(1, c))
         phi = torch.tanh(weights * (peak @ self.w1) + self.bias1.view(1, c))
         return torch.tanh(psi * (phi @ self.w2) + self.bias2.view(1, c))
+
+
+class _KernelGate(torch.autograd.Function):
+    """CGD's gate through ``mmattn::cgd_gate`` and its backward (one op each way)."""
+
+    @staticmethod
+    def forward(ctx, mean: torch.Tensor, peak: torch.Tensor | None,
+                *weights: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(mean, peak, *weights)
+        return torch.ops.mmattn.cgd_gate(mean, peak, *weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        inputs = ctx.saved_tensors
+        grads = torch.ops.mmattn.cgd_gate_backward(grad.contiguous(), *inputs)
+        return tuple(g.view_as(t) if t is not None and needed else None
+                     for g, t, needed in zip(grads, inputs, ctx.needs_input_grad, strict=True))

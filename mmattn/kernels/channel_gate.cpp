@@ -118,55 +118,188 @@ void eca_inference(const at::Tensor& src, const at::Tensor& scale, const at::Ten
   });
 }
 
+// CGD's gate (mmattn/blocks/cgd.py) for one sample, 1 + gate per channel. Cascade (w1 given):
+// with p = softmax(mean) over the channels, psi = tanh(p (mean . w0) + bias0),
+// phi = tanh(p (max . w1) + bias1), gate = tanh(psi (phi . w2) + bias2); plain:
+// gate = tanh(mean (mean . w0)). Weights and biases are read as C values each.
+template <typename T>
+struct CgdGate {
+  const T *w0, *w1, *w2, *bias0, *bias1, *bias2;  // w1 == nullptr: plain
+  int64_t channels;
+  // The intermediate values of the last sample, for backward.
+  std::vector<T> p, psi, phi;
+  T by_w0 = 0, by_w1 = 0, by_w2 = 0;
+
+  CgdGate(const at::Tensor& w0_t, const std::optional<at::Tensor>& w1_t,
+          const std::optional<at::Tensor>& w2_t, const std::optional<at::Tensor>& b0_t,
+          const std::optional<at::Tensor>& b1_t, const std::optional<at::Tensor>& b2_t)
+      : w0(w0_t.const_data_ptr<T>()),
+        w1(w1_t.has_value() ? w1_t->const_data_ptr<T>() : nullptr),
+        w2(w2_t.has_value() ? w2_t->const_data_ptr<T>() : nullptr),
+        bias0(b0_t.has_value() ? b0_t->const_data_ptr<T>() : nullptr),
+        bias1(b1_t.has_value() ? b1_t->const_data_ptr<T>() : nullptr),
+        bias2(b2_t.has_value() ? b2_t->const_data_ptr<T>() : nullptr),
+        channels(w0_t.numel()),
+        p(channels),
+        psi(channels),
+        phi(channels) {
+    TORCH_CHECK(w1 == nullptr || (w2 != nullptr && bias0 != nullptr && bias1 != nullptr &&
+                                  bias2 != nullptr),
+                "CGD kernels: w1, w2 and the three biases come together (cascade) or not at "
+                "all (plain)");
+  }
+
+  // out[c] = 1 + gate[c] for a sample's (C, ) mean and max (max unused when plain).
+  void forward(const T* mean, const T* peak, T* out) {
+    by_w0 = dot_product(mean, w0, channels);
+    if (w1 == nullptr) {
+      for (int64_t c = 0; c < channels; ++c) out[c] = T(1) + std::tanh(mean[c] * by_w0);
+      return;
+    }
+    const T top = *std::max_element(mean, mean + channels);
+    T total(0);
+    for (int64_t c = 0; c < channels; ++c) total += p[c] = std::exp(mean[c] - top);
+    by_w1 = dot_product(peak, w1, channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      p[c] /= total;
+      psi[c] = std::tanh(p[c] * by_w0 + bias0[c]);
+      phi[c] = std::tanh(p[c] * by_w1 + bias1[c]);
+    }
+    by_w2 = dot_product(phi.data(), w2, channels);
+    for (int64_t c = 0; c < channels; ++c) out[c] = T(1) + std::tanh(psi[c] * by_w2 + bias2[c]);
+  }
+
+  // Backward of forward() for the sample it last ran on, given the gradient of its output:
+  // writes the mean's and max's gradients and adds the weights' and biases' (C, ) each.
+  void backward(const T* grad, const T* mean, const T* peak, T* d_mean, T* d_peak, T* d_w0,
+                T* d_w1, T* d_w2, T* d_bias0, T* d_bias1, T* d_bias2) {
+    if (w1 == nullptr) {
+      // out = 1 + tanh(z), z = mean * (mean . w0)
+      T by_mean(0);
+      for (int64_t c = 0; c < channels; ++c) {
+        const T g = std::tanh(mean[c] * by_w0);
+        d_mean[c] = grad[c] * (T(1) - g * g);  // dz for now
+        by_mean += d_mean[c] * mean[c];
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        d_mean[c] = d_mean[c] * by_w0 + by_mean * w0[c];
+        d_w0[c] += by_mean * mean[c];
+      }
+      return;
+    }
+    // dz (z = psi * by_w2 + bias2), then through psi and phi to u and v (psi = tanh(u),
+    // phi = tanh(v), u = p by_w0 + bias0, v = p by_w1 + bias1), then to p and the pools.
+    std::vector<T> du(channels), dv(channels);
+    T d_by_w2(0);
+    for (int64_t c = 0; c < channels; ++c) {
+      const T g = std::tanh(psi[c] * by_w2 + bias2[c]);
+      const T dz = grad[c] * (T(1) - g * g);
+      d_bias2[c] += dz;
+      d_by_w2 += dz * psi[c];
+      du[c] = dz * by_w2 * (T(1) - psi[c] * psi[c]);
+    }
+    T d_by_w0(0), d_by_w1(0);
+    for (int64_t c = 0; c < channels; ++c) {
+      d_w2[c] += d_by_w2 * phi[c];
+      dv[c] = d_by_w2 * w2[c] * (T(1) - phi[c] * phi[c]);
+      d_bias0[c] += du[c];
+      d_bias1[c] += dv[c];
+      d_by_w0 += du[c] * p[c];
+      d_by_w1 += dv[c] * p[c];
+    }
+    // dp = du by_w0 + dv by_w1; through the softmax: p * (dp - sum(dp * p)).
+    T dp_dot_p(0);
+    for (int64_t c = 0; c < channels; ++c) dp_dot_p += (du[c] * by_w0 + dv[c] * by_w1) * p[c];
+    for (int64_t c = 0; c < channels; ++c) {
+      const T dp = du[c] * by_w0 + dv[c] * by_w1;
+      d_mean[c] = d_by_w0 * w0[c] + p[c] * (dp - dp_dot_p);
+      d_peak[c] = d_by_w1 * w1[c];
+      d_w0[c] += d_by_w0 * mean[c];
+      d_w1[c] += d_by_w1 * peak[c];
+    }
+  }
+};
+
+// CGD's (N, C) 1 + gate from its (N, C) pools (peak unused when plain).
+at::Tensor cgd_gate(const at::Tensor& mean, const std::optional<at::Tensor>& peak,
+                    const at::Tensor& w0, const std::optional<at::Tensor>& w1,
+                    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& bias0,
+                    const std::optional<at::Tensor>& bias1,
+                    const std::optional<at::Tensor>& bias2) {
+  const int64_t batch = mean.size(0), channels = mean.size(1);
+  TORCH_CHECK(mean.is_contiguous() && w0.numel() == channels &&
+                  (!w1.has_value() || (peak.has_value() && peak->is_contiguous())),
+              "cgd_gate: expects contiguous (N, C) pools and C weights, got ", mean.sizes(),
+              " and ", w0.sizes());
+  auto out = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cgd_gate", [&] {
+    using T = scalar_t;
+    CgdGate<T> gate(w0, w1, w2, bias0, bias1, bias2);
+    for (int64_t n = 0; n < batch; ++n) {
+      gate.forward(mean.const_data_ptr<T>() + n * channels,
+                   w1.has_value() ? peak->const_data_ptr<T>() + n * channels : nullptr,
+                   out.data_ptr<T>() + n * channels);
+    }
+  });
+  return out;
+}
+
+// Gradients of cgd_gate: the pools' (N, C) each (the max's empty when plain) and the weights'
+// and biases' (C, ) each (empty when plain, except w0's).
+std::vector<at::Tensor> cgd_gate_backward(
+    const at::Tensor& grad, const at::Tensor& mean, const std::optional<at::Tensor>& peak,
+    const at::Tensor& w0, const std::optional<at::Tensor>& w1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& bias0,
+    const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2) {
+  const int64_t batch = mean.size(0), channels = mean.size(1);
+  const bool cascade = w1.has_value();
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == mean.sizes(),
+              "cgd_gate_backward: expects a contiguous gradient of the gate's shape ",
+              mean.sizes(), ", got ", grad.sizes());
+  auto d_mean = at::empty_like(mean);
+  auto d_peak = at::empty({cascade ? batch : 0, channels}, mean.options());
+  auto d_w0 = at::zeros({channels}, mean.options());
+  auto d_w1 = at::zeros({cascade ? channels : 0}, mean.options()), d_w2 = at::zeros_like(d_w1);
+  auto d_b0 = at::zeros_like(d_w1), d_b1 = at::zeros_like(d_w1), d_b2 = at::zeros_like(d_w1);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cgd_gate_backward", [&] {
+    using T = scalar_t;
+    CgdGate<T> gate(w0, w1, w2, bias0, bias1, bias2);
+    std::vector<T> unused(channels);
+    for (int64_t n = 0; n < batch; ++n) {
+      const T* m = mean.const_data_ptr<T>() + n * channels;
+      const T* k = cascade ? peak->const_data_ptr<T>() + n * channels : nullptr;
+      gate.forward(m, k, unused.data());  // the intermediate values
+      gate.backward(grad.const_data_ptr<T>() + n * channels, m, k,
+                    d_mean.data_ptr<T>() + n * channels,
+                    cascade ? d_peak.data_ptr<T>() + n * channels : nullptr, d_w0.data_ptr<T>(),
+                    d_w1.data_ptr<T>(), d_w2.data_ptr<T>(), d_b0.data_ptr<T>(),
+                    d_b1.data_ptr<T>(), d_b2.data_ptr<T>());
+    }
+  });
+  return {d_mean, d_peak, d_w0, d_w1, d_w2, d_b0, d_b1, d_b2};
+}
+
 // CGD between conv1 and a frozen bn1: out = g * src * scale + shift with g = 1 + gate(the
-// spatial means (and maxima) of src). Cascade (w1 given): with p = softmax(mean) over the
-// channels, psi = tanh(p (mean . w0) + bias0), phi = tanh(p (max . w1) + bias1),
-// gate = tanh(psi (phi . w2) + bias2); plain: gate = tanh(mean (mean . w0)). Two passes: the
-// pools (mean and max together), and the output.
+// spatial means (and maxima) of src), in two passes: the pools (mean and max together), and
+// the output.
 void cgd_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
                    at::Tensor& out, const at::Tensor& w0, const std::optional<at::Tensor>& w1,
                    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& bias0,
                    const std::optional<at::Tensor>& bias1,
                    const std::optional<at::Tensor>& bias2) {
-  const int64_t batch = src.size(0), channels = src.size(1);
-  const bool cascade = w1.has_value();
-  TORCH_CHECK(w0.numel() == channels && (!cascade || (w2.has_value() && bias0.has_value() &&
-                                                      bias1.has_value() && bias2.has_value())),
-              "cgd_inference: expects w0 of ", channels, " values, and w1, w2 and the three "
-              "biases together (cascade) or none of them (plain)");
   auto [means, maxima, unused] = channel_pools(src, std::nullopt, std::nullopt, false);
-  auto a = at::empty_like(means), b = at::empty_like(means);
+  auto a = cgd_gate(means, maxima, w0, w1, w2, bias0, bias1, bias2);  // g, then g * scale
+  auto b = at::empty_like(a);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cgd_inference", [&] {
     using T = scalar_t;
     const T* s = scale.const_data_ptr<T>();
     const T* t = shift.const_data_ptr<T>();
-    std::vector<T> softmax(channels), psi(channels), phi(channels);
-    for (int64_t n = 0; n < batch; ++n) {
-      const T* mean = means.const_data_ptr<T>() + n * channels;
-      T* as = a.data_ptr<T>() + n * channels;
-      T* bs = b.data_ptr<T>() + n * channels;
-      const T by_w0 = dot_product(mean, w0.const_data_ptr<T>(), channels);
-      if (cascade) {
-        const T top = *std::max_element(mean, mean + channels);
-        T total(0);
-        for (int64_t c = 0; c < channels; ++c) total += softmax[c] = std::exp(mean[c] - top);
-        const T* peak = maxima.const_data_ptr<T>() + n * channels;
-        const T by_w1 = dot_product(peak, w1->const_data_ptr<T>(), channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          const T p = softmax[c] / total;
-          psi[c] = std::tanh(p * by_w0 + bias0->const_data_ptr<T>()[c]);
-          phi[c] = std::tanh(p * by_w1 + bias1->const_data_ptr<T>()[c]);
-        }
-        const T by_w2 = dot_product(phi.data(), w2->const_data_ptr<T>(), channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          as[c] = (T(1) + std::tanh(psi[c] * by_w2 + bias2->const_data_ptr<T>()[c])) * s[c];
-        }
-      } else {
-        for (int64_t c = 0; c < channels; ++c) {
-          as[c] = (T(1) + std::tanh(mean[c] * by_w0)) * s[c];
-        }
-      }
-      std::copy(t, t + channels, bs);
+    T* as = a.data_ptr<T>();
+    T* bs = b.data_ptr<T>();
+    const int64_t channels = src.size(1);
+    for (int64_t row = 0; row < a.numel(); ++row) {
+      as[row] *= s[row % channels];
+      bs[row] = t[row % channels];
     }
   });
   channel_affine_residual(src, a, b, std::nullopt, out);
@@ -247,6 +380,12 @@ TORCH_LIBRARY_FRAGMENT(mmattn, m) {
   m.def("channel_grad_sums(Tensor grad, Tensor x) -> (Tensor, Tensor)", &channel_grad_sums);
   m.def("channel_affine_relu(Tensor src, Tensor scale, Tensor shift, int stride) -> Tensor",
         &channel_affine_relu);
+  m.def("cgd_gate(Tensor mean, Tensor? peak, Tensor w0, Tensor? w1, Tensor? w2, Tensor? bias0, "
+        "Tensor? bias1, Tensor? bias2) -> Tensor",
+        &cgd_gate);
+  m.def("cgd_gate_backward(Tensor grad, Tensor mean, Tensor? peak, Tensor w0, Tensor? w1, "
+        "Tensor? w2, Tensor? bias0, Tensor? bias1, Tensor? bias2) -> Tensor[]",
+        &cgd_gate_backward);
   m.def("cgd_inference(Tensor src, Tensor scale, Tensor shift, Tensor(a!) out, Tensor w0, "
         "Tensor? w1, Tensor? w2, Tensor? bias0, Tensor? bias1, Tensor? bias2) -> ()",
         &cgd_inference);

@@ -275,3 +275,21 @@ def test_gsop_folds_a_frozen_bn3_in_channel_mode_inference(mode, grad, folded, k
     ran = {name for name in names if name.startswith('mmattn::')}
     expected = {'mmattn::channel_affine_relu', 'mmattn::channel_affine_residual'}
     assert ran == (expected if folded and kernel_path == 'kernels' else set())
+
+
+@pytest.mark.parametrize('mode', ['cascade', 'plain'])
+def test_cgd_training_with_a_frozen_bn1_runs_its_gate_as_kernels(mode):
+    # The gate and its backward are one op each (no graph for autograd to walk in backward);
+    # the cascade's two pools are one pass.
+    from mmattn.backbones import AttnResNet
+    model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
+                       out_indices=(0, ), norm_eval=True,
+                       plugins=[dict(cfg=dict(type='CompactGlobalDescriptor', mode=mode),
+                                     position='after_conv1_pre_norm')]).train()
+    x = torch.randn(2, 3, 32, 32)
+    names = op_names(lambda: (model(x)[0] * torch.randn(2, 64, 8, 8)).sum().backward())
+    expected = {'mmattn::cgd_gate', 'mmattn::cgd_gate_backward', 'mmattn::channel_grad_sums'}
+    if mode == 'cascade':
+        expected.add('mmattn::channel_pools')
+    assert {name for name in names if name.startswith('mmattn::')} == expected
+    assert 'aten::tanh' not in names
