@@ -93,3 +93,7 @@ class EfficientChannelAttention(MeanGateMixin, BaseModule):
     def inference_kernel(self) -> tuple[str, tuple[torch.Tensor, ...]]:
         """``mmattn::eca_inference`` (see ``MeanGateMixin``)."""
         return 'eca_inference', (self.conv.weight, )
+
+    def gate_kernels(self) -> tuple[str, str, tuple[torch.Tensor, ...]]:
+        """``mmattn::eca_gate`` and its backward (see ``PooledGateMixin``)."""
+        return 'eca_gate', 'eca_gate_backward', (self.conv.weight, )

@@ -72,7 +72,18 @@ class SqueezeExcitation(MeanGateMixin, BaseModule):
 
     def inference_kernel(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
         """``mmattn::se_inference`` for the default ReLU and sigmoid (see ``MeanGateMixin``)."""
+        weights = self._kernel_weights()
+        return None if weights is None else ('se_inference', weights)
+
+    def gate_kernels(self) -> tuple[str, str, tuple[torch.Tensor, ...]] | None:
+        """``mmattn::se_gate`` and its backward, for the default ReLU and sigmoid (see
+        ``PooledGateMixin``)."""
+        weights = self._kernel_weights()
+        return None if weights is None else ('se_gate', 'se_gate_backward', weights)
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """The MLP's weights and biases, where the kernels have this SE's activations."""
         squeeze, act, excite = self.fc
         if type(act) is not nn.ReLU or type(self.gate) is not nn.Sigmoid:
             return None
-        return 'se_inference', (squeeze.weight, squeeze.bias, excite.weight, excite.bias)
+        return squeeze.weight, squeeze.bias, excite.weight, excite.bias

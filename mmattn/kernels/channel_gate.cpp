@@ -49,6 +49,24 @@ void channel_affine_residual(const at::Tensor& src, const at::Tensor& a, const a
   });
 }
 
+// The gate ops take (N, C) contiguous means and the weights of the block's modules.
+void check_mlp(const char* op, const at::Tensor& mean, const at::Tensor& w1,
+               const at::Tensor& w2) {
+  const int64_t channels = mean.size(1);
+  TORCH_CHECK(mean.dim() == 2 && mean.is_contiguous() && w1.is_contiguous() &&
+                  w2.is_contiguous() && w1.size(1) == channels && w2.size(0) == channels &&
+                  w2.size(1) == w1.size(0),
+              op, ": means ", mean.sizes(), " and weights ", w1.sizes(), ", ", w2.sizes(),
+              " do not fit an MLP C -> hidden -> C");
+}
+
+void check_eca(const char* op, const at::Tensor& mean, const at::Tensor& weight) {
+  TORCH_CHECK(mean.dim() == 2 && mean.is_contiguous() && weight.is_contiguous() &&
+                  weight.numel() % 2 == 1,
+              op, ": expects contiguous (N, C) means and a (1, 1, k) weight with odd k, got ",
+              mean.sizes(), " and ", weight.sizes());
+}
+
 // identity + g * x for x = src * scale + shift, with g (N, C) = gate(the spatial means of x): a
 // pass for the means, the gate (gate(means, g) fills g), and channel_affine_residual's pass.
 template <typename Gate>
@@ -116,6 +134,155 @@ void eca_inference(const at::Tensor& src, const at::Tensor& scale, const at::Ten
                  gate);
     for (int64_t i = 0; i < batch * channels; ++i) gate[i] = scalar_sigmoid(gate[i]);
   });
+}
+
+// SE's gate with its default ReLU and sigmoid, sigmoid(w2 relu(w1 mean + b1) + b2), (N, C).
+// peak is unused (SE pools means only); it keeps the gate ops' common signature.
+at::Tensor se_gate(const at::Tensor& mean, const std::optional<at::Tensor>& peak,
+                   const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                   const at::Tensor& b2) {
+  const int64_t batch = mean.size(0), channels = mean.size(1), hidden = w1.size(0);
+  check_mlp("se_gate", mean, w1, w2);
+  auto out = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "se_gate", [&] {
+    using T = scalar_t;
+    const auto logits = relu_mlp(mean.const_data_ptr<T>(), batch, channels,
+                                 w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), hidden,
+                                 w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
+    T* g = out.data_ptr<T>();
+    for (int64_t i = 0; i < batch * channels; ++i) g[i] = scalar_sigmoid(logits[i]);
+  });
+  return out;
+}
+
+// Gradients of se_gate: [mean's (N, C), an empty one for peak, w1's, b1's, w2's, b2's].
+std::vector<at::Tensor> se_gate_backward(const at::Tensor& grad, const at::Tensor& mean,
+                                         const std::optional<at::Tensor>& peak,
+                                         const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2) {
+  const int64_t batch = mean.size(0), channels = mean.size(1), hidden = w1.size(0);
+  check_mlp("se_gate_backward", mean, w1, w2);
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == mean.sizes(),
+              "se_gate_backward: expects a contiguous gradient of shape ", mean.sizes());
+  auto d_mean = at::zeros_like(mean);
+  auto d_w1 = at::empty_like(w1), d_b1 = at::empty_like(b1);
+  auto d_w2 = at::empty_like(w2), d_b2 = at::empty_like(b2);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "se_gate_backward", [&] {
+    using T = scalar_t;
+    const T* m = mean.const_data_ptr<T>();
+    const T* w1s = w1.const_data_ptr<T>();
+    const T* w2s = w2.const_data_ptr<T>();
+    // The forward values again: h = relu(w1 m + b1) and the logits.
+    std::vector<T> h(batch * hidden), logits(batch * channels);
+    linear(m, batch, channels, w1s, b1.const_data_ptr<T>(), hidden, true, h.data());
+    linear(h.data(), batch, hidden, w2s, b2.const_data_ptr<T>(), channels, false,
+           logits.data());
+    // d logits = grad * g * (1 - g)
+    std::vector<T> dl(batch * channels);
+    const T* gr = grad.const_data_ptr<T>();
+    for (int64_t i = 0; i < batch * channels; ++i) {
+      const T g = scalar_sigmoid(logits[i]);
+      dl[i] = gr[i] * g * (T(1) - g);
+    }
+    // The second layer: d b2, d w2 = dl^T h, and d h = dl w2, through the ReLU (h > 0).
+    T* db2 = d_b2.data_ptr<T>();
+    T* dw2 = d_w2.data_ptr<T>();
+    at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        db2[c] = T(0);
+        std::fill(dw2 + c * hidden, dw2 + (c + 1) * hidden, T(0));
+        for (int64_t n = 0; n < batch; ++n) {
+          db2[c] += dl[n * channels + c];
+          axpy(dl[n * channels + c], h.data() + n * hidden, dw2 + c * hidden, hidden);
+        }
+      }
+    });
+    std::vector<T> dh(batch * hidden, T(0));
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        T* row = dh.data() + n * hidden;
+        for (int64_t c = 0; c < channels; ++c) axpy(dl[n * channels + c], w2s + c * hidden, row, hidden);
+        for (int64_t j = 0; j < hidden; ++j) {
+          if (!(h[n * hidden + j] > T(0))) row[j] = T(0);
+        }
+      }
+    });
+    // The first layer: d b1, d w1 = dh^T m, and d m = dh w1.
+    T* db1 = d_b1.data_ptr<T>();
+    T* dw1 = d_w1.data_ptr<T>();
+    at::parallel_for(0, hidden, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        db1[j] = T(0);
+        std::fill(dw1 + j * channels, dw1 + (j + 1) * channels, T(0));
+        for (int64_t n = 0; n < batch; ++n) {
+          db1[j] += dh[n * hidden + j];
+          axpy(dh[n * hidden + j], m + n * channels, dw1 + j * channels, channels);
+        }
+      }
+    });
+    T* dm = d_mean.data_ptr<T>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t j = 0; j < hidden; ++j) {
+          axpy(dh[n * hidden + j], w1s + j * channels, dm + n * channels, channels);
+        }
+      }
+    });
+  });
+  return {d_mean, at::empty({0}, mean.options()), d_w1, d_b1, d_w2, d_b2};
+}
+
+// ECA's gate: sigmoid of the 1-D convolution of the means along the channels (weight (1, 1, k)).
+at::Tensor eca_gate(const at::Tensor& mean, const std::optional<at::Tensor>& peak,
+                    const at::Tensor& weight) {
+  check_eca("eca_gate", mean, weight);
+  auto out = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "eca_gate", [&] {
+    using T = scalar_t;
+    T* g = out.data_ptr<T>();
+    channel_conv(mean.const_data_ptr<T>(), mean.size(0), mean.size(1),
+                 weight.const_data_ptr<T>(), weight.numel(), g);
+    for (int64_t i = 0; i < out.numel(); ++i) g[i] = scalar_sigmoid(g[i]);
+  });
+  return out;
+}
+
+// Gradients of eca_gate: [mean's (N, C), an empty one for peak, weight's (1, 1, k)].
+std::vector<at::Tensor> eca_gate_backward(const at::Tensor& grad, const at::Tensor& mean,
+                                          const std::optional<at::Tensor>& peak,
+                                          const at::Tensor& weight) {
+  check_eca("eca_gate_backward", mean, weight);
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == mean.sizes(),
+              "eca_gate_backward: expects a contiguous gradient of shape ", mean.sizes());
+  const int64_t rows = mean.size(0), channels = mean.size(1), k = weight.numel(), pad = k / 2;
+  auto d_mean = at::zeros_like(mean);
+  auto d_weight = at::zeros_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "eca_gate_backward", [&] {
+    using T = scalar_t;
+    const T* m = mean.const_data_ptr<T>();
+    const T* w = weight.const_data_ptr<T>();
+    std::vector<T> dl(rows * channels);
+    channel_conv(m, rows, channels, w, k, dl.data());  // the logits, then their gradient
+    const T* gr = grad.const_data_ptr<T>();
+    for (int64_t i = 0; i < rows * channels; ++i) {
+      const T g = scalar_sigmoid(dl[i]);
+      dl[i] = gr[i] * g * (T(1) - g);
+    }
+    // logit[r, c] = sum_j w[j] m[r, c + j - pad]
+    T* dm = d_mean.data_ptr<T>();
+    T* dw = d_weight.data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const T d = dl[r * channels + c];
+        for (int64_t j = std::max<int64_t>(0, pad - c); j < std::min(k, channels + pad - c);
+             ++j) {
+          dw[j] += d * m[r * channels + c + j - pad];
+          dm[r * channels + c + j - pad] += d * w[j];
+        }
+      }
+    }
+  });
+  return {d_mean, at::empty({0}, mean.options()), d_weight};
 }
 
 // CGD's gate (mmattn/blocks/cgd.py) for one sample, 1 + gate per channel. Cascade (w1 given):
@@ -380,6 +547,15 @@ TORCH_LIBRARY_FRAGMENT(mmattn, m) {
   m.def("channel_grad_sums(Tensor grad, Tensor x) -> (Tensor, Tensor)", &channel_grad_sums);
   m.def("channel_affine_relu(Tensor src, Tensor scale, Tensor shift, int stride) -> Tensor",
         &channel_affine_relu);
+  m.def("se_gate(Tensor mean, Tensor? peak, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
+        "-> Tensor",
+        &se_gate);
+  m.def("se_gate_backward(Tensor grad, Tensor mean, Tensor? peak, Tensor w1, Tensor b1, "
+        "Tensor w2, Tensor b2) -> Tensor[]",
+        &se_gate_backward);
+  m.def("eca_gate(Tensor mean, Tensor? peak, Tensor weight) -> Tensor", &eca_gate);
+  m.def("eca_gate_backward(Tensor grad, Tensor mean, Tensor? peak, Tensor weight) -> Tensor[]",
+        &eca_gate_backward);
   m.def("cgd_gate(Tensor mean, Tensor? peak, Tensor w0, Tensor? w1, Tensor? w2, Tensor? bias0, "
         "Tensor? bias1, Tensor? bias2) -> Tensor",
         &cgd_gate);

@@ -277,19 +277,59 @@ def test_gsop_folds_a_frozen_bn3_in_channel_mode_inference(mode, grad, folded, k
     assert ran == (expected if folded and kernel_path == 'kernels' else set())
 
 
-@pytest.mark.parametrize('mode', ['cascade', 'plain'])
-def test_cgd_training_with_a_frozen_bn1_runs_its_gate_as_kernels(mode):
+@pytest.mark.parametrize('cfg, gate', [
+    (dict(type='SqueezeExcitation'), 'se'),
+    (dict(type='EfficientChannelAttention'), 'eca'),
+    (dict(type='CompactGlobalDescriptor'), 'cgd'),
+    (dict(type='CompactGlobalDescriptor', mode='plain'), 'cgd'),
+], ids=['se', 'eca', 'cgd', 'cgd_plain'])
+def test_training_with_a_frozen_bn_runs_the_gate_as_kernels(cfg, gate):
     # The gate and its backward are one op each (no graph for autograd to walk in backward);
-    # the cascade's two pools are one pass.
+    # the gradient sums are one pass, and so are the cascade's two pools.
     from mmattn.backbones import AttnResNet
+    position = 'after_conv1_pre_norm' if gate == 'cgd' else 'after_conv3'
     model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
                        out_indices=(0, ), norm_eval=True,
-                       plugins=[dict(cfg=dict(type='CompactGlobalDescriptor', mode=mode),
-                                     position='after_conv1_pre_norm')]).train()
+                       plugins=[dict(cfg=cfg, position=position)]).train()
     x = torch.randn(2, 3, 32, 32)
     names = op_names(lambda: (model(x)[0] * torch.randn(2, 64, 8, 8)).sum().backward())
-    expected = {'mmattn::cgd_gate', 'mmattn::cgd_gate_backward', 'mmattn::channel_grad_sums'}
-    if mode == 'cascade':
+    expected = {f'mmattn::{gate}_gate', f'mmattn::{gate}_gate_backward',
+                'mmattn::channel_grad_sums'}
+    if gate != 'cgd':  # the gate and bn3 inside the residual add, one pass
+        expected.add('mmattn::channel_affine_residual')
+    elif cfg.get('mode', 'cascade') == 'cascade':
         expected.add('mmattn::channel_pools')
     assert {name for name in names if name.startswith('mmattn::')} == expected
-    assert 'aten::tanh' not in names
+    assert not {'aten::tanh', 'aten::sigmoid', 'aten::linear', 'aten::conv1d'} & names
+
+
+@pytest.mark.parametrize('name', ['se', 'eca', 'cgd', 'cgd_plain'])
+def test_gate_kernels_equal_autograd_through_the_modules(name, monkeypatch):
+    # 64 channels: SE's hidden width of 4, ECA's kernel of 3; float64, random weights.
+    from mmattn.blocks import CompactGlobalDescriptor, EfficientChannelAttention, SqueezeExcitation
+    block = {'se': SqueezeExcitation, 'eca': EfficientChannelAttention,
+             'cgd': CompactGlobalDescriptor,
+             'cgd_plain': partial(CompactGlobalDescriptor, mode='plain')}[name](64).double()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.3)
+    mean, peak = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64)
+    upstream = torch.randn(3, 64, dtype=torch.float64)
+    forward_op, backward_op, weights = block.gate_kernels()
+    pools = [mean, peak if block.pools_max else None]
+    gate = getattr(torch.ops.mmattn, forward_op)(*pools, *weights)
+    grads = getattr(torch.ops.mmattn, backward_op)(upstream, *pools, *weights)
+
+    monkeypatch.setenv('MMATTN_KERNELS', '0')  # the modules' own ops, through autograd
+    leaves = [t.clone().requires_grad_() for t in (mean, peak)]
+    expected = block.gate_from_pools(*leaves)
+    present = [w for w in weights if w is not None]
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [*leaves, *present],
+                                         allow_unused=True)
+    torch.testing.assert_close(gate, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-10, atol=1e-12)
+    if block.pools_max:
+        torch.testing.assert_close(grads[1], expected_grads[1], rtol=1e-10, atol=1e-12)
+    got = [g for g, w in zip(grads[2:], weights, strict=True) if w is not None]
+    for g, want, w in zip(got, expected_grads[2:], present, strict=True):
+        torch.testing.assert_close(g.view_as(w), want, rtol=1e-10, atol=1e-12)
