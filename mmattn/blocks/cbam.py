@@ -319,8 +319,9 @@ def _with_kernels(block: ConvolutionalBlockAttention, x: torch.Tensor,
 
 
 def _kernel_gates(block: ConvolutionalBlockAttention) -> tuple | None:
-    """What ``cbam_inference`` needs to compute both gates itself, or None where its fixed
-    forms do not cover the block (then the gates run in PyTorch): a ReLU MLP, and a square
+    """The weights the gate kernels take (``cbam_inference``; ``cbam_channel_gate``,
+    ``cbam_spatial_gate`` and their backward), or None where their fixed forms do not cover the
+    block (then the gates run in PyTorch, with autograd graphs): a ReLU MLP, and a square
     odd-sized conv without bias followed by a BN that uses its running statistics."""
     _, first, act, second = block.ChannelGate.mlp
     conv, norm = block.SpatialGate.spatial
@@ -353,15 +354,24 @@ class _KernelCBAM(torch.autograd.Function):
                 fn: Callable | None, *params: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.mmattn
         mean, peak, max_index = ops.channel_pools(x, scale, shift, True)
-        leaves = [mean.requires_grad_(), peak.requires_grad_()]
-        with torch.enable_grad():
-            channel = block.ChannelGate.from_pools(*leaves)
-        gate = channel.detach()
-        pooled, pool_index = ops.cbam_spatial_pools(x, scale, shift, gate)
-        pooled.requires_grad_()
-        with torch.enable_grad(), _native_convolution():
-            spatial = block.SpatialGate.gate(pooled, x.dtype)
-        spatial_gate = spatial.detach()
+        weights = _kernel_gates(block)
+        if weights is not None:  # the gates as kernel ops, and their backward as two more
+            gate = ops.cbam_channel_gate(mean, peak, *weights[:4])
+            pooled, pool_index = ops.cbam_spatial_pools(x, scale, shift, gate)
+            spatial_gate = ops.cbam_spatial_gate(pooled, *weights[4:])
+            ctx.graphs = None
+            ctx.gate_inputs = (weights, mean, peak, pooled)
+        else:  # the gates' graphs, for autograd.grad in backward
+            leaves = [mean.requires_grad_(), peak.requires_grad_()]
+            with torch.enable_grad():
+                channel = block.ChannelGate.from_pools(*leaves)
+            gate = channel.detach()
+            pooled, pool_index = ops.cbam_spatial_pools(x, scale, shift, gate)
+            pooled.requires_grad_()
+            with torch.enable_grad(), _native_convolution():
+                spatial = block.SpatialGate.gate(pooled, x.dtype)
+            spatial_gate = spatial.detach()
+            ctx.graphs = (channel, leaves, spatial, pooled)
         # x (the BN's output) is overwritten when it can be recomputed, never the BN's input.
         in_place = fn is not None and identity is not None
         out = x if in_place else torch.empty_like(x)
@@ -369,7 +379,6 @@ class _KernelCBAM(torch.autograd.Function):
         if in_place:
             ctx.mark_dirty(x)
         ctx.fn, ctx.params = fn, params
-        ctx.graphs = (channel, leaves, spatial, pooled)
         ctx.channel_params = len(list(block.ChannelGate.parameters()))
         ctx.save_for_backward(x if fn is None else source, scale, shift, gate, spatial_gate,
                               max_index, pool_index)
@@ -381,26 +390,42 @@ class _KernelCBAM(torch.autograd.Function):
         kept, scale, shift, gate, spatial_gate, max_index, pool_index = ctx.saved_tensors
         x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
         grad = grad.contiguous()
-        channel, leaves, spatial, pooled = ctx.graphs
-        channel_params = ctx.params[:ctx.channel_params]
-        spatial_params = ctx.params[ctx.channel_params:]
         ops = torch.ops.mmattn
 
         grad_gate, grad_spatial = ops.cbam_gate_grads(grad, x, scale, shift, gate, spatial_gate)
-        with _native_convolution():
-            grad_pooled, *grad_spatial_params = _grads(spatial, [pooled, *spatial_params],
-                                                       grad_spatial)
-        grad_gate = grad_gate + ops.cbam_pool_channel_grad(x, scale, shift, grad_pooled,
-                                                           pool_index)
-        grad_mean, grad_peak, *grad_channel_params = _grads(
-            channel, [*leaves, *channel_params], grad_gate)
+        if ctx.graphs is None:
+            weights, mean, peak, pooled = ctx.gate_inputs
+            grad_pooled, *spatial_grads = ops.cbam_spatial_gate_backward(
+                grad_spatial, pooled, *weights[4:])
+            grad_gate = grad_gate + ops.cbam_pool_channel_grad(x, scale, shift, grad_pooled,
+                                                               pool_index)
+            grad_mean, grad_peak, *channel_grads = ops.cbam_channel_gate_backward(
+                grad_gate, mean, peak, *weights[:4])
+            # conv weight, BN weight and bias (the running statistics get none)
+            found = {id(w): g for w, g in zip((*weights[:4], weights[4], *weights[7:9]),
+                                              (*channel_grads, *spatial_grads), strict=True)
+                     if w is not None}
+            grad_params = [found[id(p)].view_as(p) if p.requires_grad else None
+                           for p in ctx.params]
+        else:
+            channel, leaves, spatial, pooled = ctx.graphs
+            channel_params = ctx.params[:ctx.channel_params]
+            spatial_params = ctx.params[ctx.channel_params:]
+            with _native_convolution():
+                grad_pooled, *grad_spatial_params = _grads(spatial, [pooled, *spatial_params],
+                                                           grad_spatial)
+            grad_gate = grad_gate + ops.cbam_pool_channel_grad(x, scale, shift, grad_pooled,
+                                                               pool_index)
+            grad_mean, grad_peak, *grad_channel_params = _grads(
+                channel, [*leaves, *channel_params], grad_gate)
+            grad_params = [*grad_channel_params, *grad_spatial_params]
 
         grad_x, grad_scale, grad_shift = ops.cbam_input_grad(
             grad, x if scale is not None else None, scale, gate, spatial_gate, grad_pooled,
             pool_index, grad_mean, grad_peak, max_index)
         grads = [g if need else None for g, need in zip(
             (grad_x, grad_scale, grad_shift, grad), ctx.needs_input_grad[1:5], strict=True)]
-        return (None, *grads, None, None, *grad_channel_params, *grad_spatial_params)
+        return (None, *grads, None, None, *grad_params)
 
 
 @contextlib.contextmanager

@@ -285,17 +285,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_input_grad(
 // ---------------------------------------------------------------------------------------------
 // Without autograd: both gates computed here, between the passes (see gates.h for why).
 
-// The spatial gate sigmoid(a * conv(pooled) + b) per position: conv a k x k convolution of the
-// (N, 2, H, W) pools to one map, zero padding k / 2, stride 1, no bias; a and b an eval-mode BN.
+// out (N, H, W) = the k x k convolution of the (N, 2, H, W) pools to one map, zero padding k / 2,
+// stride 1, no bias: CBAM's spatial conv.
 template <typename T>
-void conv_spatial_gate(const T* pooled, int64_t batch, int64_t height, int64_t width,
-                       const T* weight, int64_t k, T a, T b, T* gate) {
+void spatial_conv(const T* pooled, int64_t batch, int64_t height, int64_t width,
+                  const T* weight, int64_t k, T* out) {
   const int64_t pad = k / 2;
   at::parallel_for(0, batch * height, 4, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(width);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / height, y = task % height;
-      std::fill(row.begin(), row.end(), T(0));
+      T* row = out + task * width;
+      std::fill(row, row + width, T(0));
       for (int64_t c = 0; c < 2; ++c) {
         for (int64_t ky = 0; ky < k; ++ky) {
           const int64_t iy = y + ky - pad;
@@ -306,26 +306,205 @@ void conv_spatial_gate(const T* pooled, int64_t batch, int64_t height, int64_t w
             const int64_t dx = kx - pad;
             const int64_t first = std::max<int64_t>(0, -dx), last = std::min(width, width - dx);
             if (first < last) {
-              axpy(weight[(c * k + ky) * k + kx], in + first + dx, row.data() + first,
-                   last - first);
+              axpy(weight[(c * k + ky) * k + kx], in + first + dx, row + first, last - first);
             }
           }
         }
       }
-      T* out = gate + task * width;
-      const Vec<T> av(a), bv(b);
-      for_each_vec<T>(width, [&](int64_t p, int64_t n_lanes) {
-        sigmoid(at::vec::fmadd(Vec<T>::loadu(row.data() + p, n_lanes), av, bv))
-            .store(out + p, n_lanes);
-      });
     }
   });
 }
 
+// CBAM's spatial BN in eval mode as a * v + b, as torch computes it:
+// (v - mean) / sqrt(var + eps) * weight + bias.
+template <typename T>
+struct EvalNorm {
+  T mean, inv_std, weight, a, b;
+
+  EvalNorm(const at::Tensor& mean_t, const at::Tensor& var_t,
+           const std::optional<at::Tensor>& weight_t, const std::optional<at::Tensor>& bias_t,
+           double eps)
+      : mean(mean_t.const_data_ptr<T>()[0]),
+        inv_std(T(1) / std::sqrt(var_t.const_data_ptr<T>()[0] + static_cast<T>(eps))),
+        weight(weight_t.has_value() ? weight_t->const_data_ptr<T>()[0] : T(1)),
+        a(inv_std * weight),
+        b((bias_t.has_value() ? bias_t->const_data_ptr<T>()[0] : T(0)) - mean * a) {}
+};
+
+void check_spatial(const char* op, const at::Tensor& pooled, const at::Tensor& weight) {
+  check_nchw(op, {pooled, weight});
+  TORCH_CHECK(pooled.size(1) == 2 && weight.size(0) == 1 && weight.size(1) == 2 &&
+                  weight.size(2) == weight.size(3) && weight.size(3) % 2 == 1,
+              op, ": expects (N, 2, H, W) pools and a (1, 2, k, k) weight with odd k, got ",
+              pooled.sizes(), " and ", weight.sizes());
+}
+
+// CBAM's channel gate, sigmoid(mlp(mean) + mlp(max)) (N, C), with the ReLU MLP of nn.Linear
+// weights w1 (hidden, C) and w2 (C, hidden); both descriptors through it as one batch of 2N, as
+// cbam.py does.
+at::Tensor cbam_channel_gate(const at::Tensor& mean, const at::Tensor& peak,
+                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                             const at::Tensor& b2) {
+  const int64_t batch = mean.size(0), channels = mean.size(1), hidden = w1.size(0);
+  TORCH_CHECK(w1.is_contiguous() && w2.is_contiguous() && w1.size(1) == channels &&
+                  w2.size(0) == channels && w2.size(1) == hidden,
+              "cbam_channel_gate: weights ", w1.sizes(), " and ", w2.sizes(), " do not fit ",
+              channels, " channels");
+  auto gate = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbam_channel_gate", [&] {
+    using T = scalar_t;
+    const auto both = at::cat({mean, peak});
+    const auto mlp = relu_mlp(both.const_data_ptr<T>(), 2 * batch, channels,
+                              w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), hidden,
+                              w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
+    T* g = gate.data_ptr<T>();
+    for (int64_t i = 0; i < batch * channels; ++i) {
+      g[i] = scalar_sigmoid(mlp[i] + mlp[batch * channels + i]);
+    }
+  });
+  return gate;
+}
+
+// Gradients of cbam_channel_gate: [mean's, max's (N, C) each, w1's, b1's, w2's, b2's].
+std::vector<at::Tensor> cbam_channel_gate_backward(const at::Tensor& grad,
+                                                   const at::Tensor& mean,
+                                                   const at::Tensor& peak, const at::Tensor& w1,
+                                                   const at::Tensor& b1, const at::Tensor& w2,
+                                                   const at::Tensor& b2) {
+  const int64_t batch = mean.size(0), channels = mean.size(1), hidden = w1.size(0);
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == mean.sizes(),
+              "cbam_channel_gate_backward: expects a contiguous gradient of shape ",
+              mean.sizes());
+  const auto both = at::cat({mean, peak});
+  auto d_both = at::empty_like(both);
+  auto d_w1 = at::empty_like(w1), d_b1 = at::empty_like(b1);
+  auto d_w2 = at::empty_like(w2), d_b2 = at::empty_like(b2);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "cbam_channel_gate_backward", [&] {
+    using T = scalar_t;
+    const int64_t size = batch * channels;
+    const T* in = both.const_data_ptr<T>();
+    auto mlp = relu_mlp(in, 2 * batch, channels, w1.const_data_ptr<T>(), b1.const_data_ptr<T>(),
+                        hidden, w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
+    // The sigmoid's gradient reaches both MLP outputs alike.
+    std::vector<T> d_mlp(2 * size);
+    const T* gr = grad.const_data_ptr<T>();
+    for (int64_t i = 0; i < size; ++i) {
+      const T g = scalar_sigmoid(mlp[i] + mlp[size + i]);
+      d_mlp[i] = d_mlp[size + i] = gr[i] * g * (T(1) - g);
+    }
+    relu_mlp_backward(in, d_mlp.data(), 2 * batch, channels, w1.const_data_ptr<T>(),
+                      b1.const_data_ptr<T>(), hidden, w2.const_data_ptr<T>(),
+                      d_both.data_ptr<T>(), d_w1.data_ptr<T>(), d_b1.data_ptr<T>(),
+                      d_w2.data_ptr<T>(), d_b2.data_ptr<T>());
+  });
+  auto halves = d_both.chunk(2);
+  return {halves[0], halves[1], d_w1, d_b1, d_w2, d_b2};
+}
+
+// CBAM's spatial gate sigmoid(bn(conv(pooled))) (N, 1, H, W) with the BN in eval mode.
+at::Tensor cbam_spatial_gate(const at::Tensor& pooled, const at::Tensor& weight,
+                             const at::Tensor& bn_mean, const at::Tensor& bn_var,
+                             const std::optional<at::Tensor>& bn_weight,
+                             const std::optional<at::Tensor>& bn_bias, double eps) {
+  check_spatial("cbam_spatial_gate", pooled, weight);
+  const int64_t batch = pooled.size(0), height = pooled.size(2), width = pooled.size(3);
+  auto gate = at::empty({batch, 1, height, width}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "cbam_spatial_gate", [&] {
+    using T = scalar_t;
+    const EvalNorm<T> norm(bn_mean, bn_var, bn_weight, bn_bias, eps);
+    T* g = gate.data_ptr<T>();
+    spatial_conv(pooled.const_data_ptr<T>(), batch, height, width, weight.const_data_ptr<T>(),
+                 weight.size(3), g);
+    const Vec<T> av(norm.a), bv(norm.b);
+    for_each_vec<T>(gate.numel(), [&](int64_t p, int64_t n) {
+      sigmoid(at::vec::fmadd(Vec<T>::loadu(g + p, n), av, bv)).store(g + p, n);
+    });
+  });
+  return gate;
+}
+
+// Gradients of cbam_spatial_gate: [the pools' (N, 2, H, W), the conv weight's, the BN weight's
+// and bias's (1, ) each].
+std::vector<at::Tensor> cbam_spatial_gate_backward(
+    const at::Tensor& grad, const at::Tensor& pooled, const at::Tensor& weight,
+    const at::Tensor& bn_mean, const at::Tensor& bn_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double eps) {
+  check_spatial("cbam_spatial_gate_backward", pooled, weight);
+  check_nchw("cbam_spatial_gate_backward", {grad});
+  const int64_t batch = pooled.size(0), height = pooled.size(2), width = pooled.size(3);
+  const int64_t k = weight.size(3), pad = k / 2, positions = height * width;
+  auto d_pooled = at::zeros_like(pooled);
+  auto d_weight = at::empty_like(weight);
+  auto d_bn_weight = at::zeros({1}, pooled.options()), d_bn_bias = at::zeros({1}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "cbam_spatial_gate_backward", [&] {
+    using T = scalar_t;
+    const EvalNorm<T> norm(bn_mean, bn_var, bn_weight, bn_bias, eps);
+    const T* in = pooled.const_data_ptr<T>();
+    const T* w = weight.const_data_ptr<T>();
+    // The conv's output again; then d conv = grad * s (1 - s) * a, s the gate.
+    std::vector<T> d_conv(batch * positions);
+    spatial_conv(in, batch, height, width, w, k, d_conv.data());
+    const T* gr = grad.const_data_ptr<T>();
+    T sum_d_pre(0), sum_d_pre_normed(0);
+    for (int64_t i = 0; i < batch * positions; ++i) {
+      const T conv = d_conv[i];
+      const T s = scalar_sigmoid(norm.a * conv + norm.b);
+      const T d_pre = gr[i] * s * (T(1) - s);  // the gradient reaching the BN's output
+      sum_d_pre += d_pre;
+      sum_d_pre_normed += d_pre * (conv - norm.mean) * norm.inv_std;
+      d_conv[i] = d_pre * norm.a;
+    }
+    d_bn_weight.data_ptr<T>()[0] = sum_d_pre_normed;
+    d_bn_bias.data_ptr<T>()[0] = sum_d_pre;
+    // d weight[c, ky, kx] = sum over n, y, x of d_conv[n, y, x] * in[n, c, y + ky - pad, x + dx]
+    T* dw = d_weight.data_ptr<T>();
+    at::parallel_for(0, 2 * k * k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tap = begin; tap < end; ++tap) {
+        const int64_t c = tap / (k * k), ky = tap / k % k, dx = tap % k - pad;
+        const int64_t first = std::max<int64_t>(0, -dx), last = std::min(width, width - dx);
+        T total(0);
+        for (int64_t n = 0; n < batch && first < last; ++n) {
+          for (int64_t y = 0; y < height; ++y) {
+            const int64_t iy = y + ky - pad;
+            if (iy < 0 || iy >= height) continue;
+            total += dot_product(d_conv.data() + (n * height + y) * width + first,
+                                 in + ((n * 2 + c) * height + iy) * width + first + dx,
+                                 last - first);
+          }
+        }
+        dw[tap] = total;
+      }
+    });
+    // d pooled[n, c, iy, x + dx] += weight[c, ky, kx] * d_conv[n, y, x] (the conv's adjoint).
+    T* dp = d_pooled.data_ptr<T>();
+    at::parallel_for(0, batch * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / 2, c = task % 2;
+        for (int64_t y = 0; y < height; ++y) {
+          const T* d_row = d_conv.data() + (n * height + y) * width;
+          for (int64_t ky = 0; ky < k; ++ky) {
+            const int64_t iy = y + ky - pad;
+            if (iy < 0 || iy >= height) continue;
+            T* out = dp + ((n * 2 + c) * height + iy) * width;
+            for (int64_t kx = 0; kx < k; ++kx) {
+              const int64_t dx = kx - pad;
+              const int64_t first = std::max<int64_t>(0, -dx), last = std::min(width, width - dx);
+              if (first < last) {
+                axpy(w[(c * k + ky) * k + kx], d_row + first, out + first + dx, last - first);
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+  return {d_pooled, d_weight, d_bn_weight, d_bn_bias};
+}
+
 // The block without autograd, in one call: out = x * channel * spatial (+ identity), x given as
-// the frozen BN's input with scale and shift. The channel gate's MLP has a ReLU (w1, b1, w2, b2
-// as nn.Linear keeps them); the spatial gate's conv (weight (1, 2, k, k)) is followed by an
-// eval-mode BN with one channel (mean, var, optional weight and bias, eps).
+// the frozen BN's input with scale and shift; the gates as cbam_channel_gate and
+// cbam_spatial_gate compute them.
 void cbam_inference(const at::Tensor& x, const std::optional<at::Tensor>& scale,
                     const std::optional<at::Tensor>& shift,
                     const std::optional<at::Tensor>& identity, at::Tensor& out,
@@ -334,42 +513,12 @@ void cbam_inference(const at::Tensor& x, const std::optional<at::Tensor>& scale,
                     const at::Tensor& bn_mean, const at::Tensor& bn_var,
                     const std::optional<at::Tensor>& bn_weight,
                     const std::optional<at::Tensor>& bn_bias, double eps) {
-  check_nchw("cbam_inference", {x, out, conv_weight});
-  const int64_t batch = x.size(0), channels = x.size(1), hidden = w1.size(0);
-  const int64_t k = conv_weight.size(3);
-  TORCH_CHECK(w1.is_contiguous() && w2.is_contiguous() && w1.size(1) == channels &&
-                  w2.size(0) == channels && w2.size(1) == hidden &&
-                  conv_weight.size(0) == 1 && conv_weight.size(1) == 2 &&
-                  conv_weight.size(2) == k && k % 2 == 1,
-              "cbam_inference: unexpected weight shapes ", w1.sizes(), " ", w2.sizes(), " ",
-              conv_weight.sizes(), " for ", channels, " channels");
+  check_nchw("cbam_inference", {x, out});
   auto [means, maxima, unused] = channel_pools(x, scale, shift, false);
-  auto channel = at::empty_like(means);
-  auto spatial = at::empty({batch, 1, x.size(2), x.size(3)}, x.options());
-  at::Tensor pooled;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_inference", [&] {
-    using T = scalar_t;
-    // sigmoid(mlp(mean) + mlp(max)), both through the MLP as one batch of 2N, as cbam.py does.
-    const auto both = at::cat({means, maxima});
-    const auto mlp = relu_mlp(both.const_data_ptr<T>(), 2 * batch, channels,
-                              w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), hidden,
-                              w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
-    T* gate = channel.data_ptr<T>();
-    for (int64_t i = 0; i < batch * channels; ++i) {
-      gate[i] = scalar_sigmoid(mlp[i] + mlp[batch * channels + i]);
-    }
-  });
-  pooled = std::get<0>(cbam_spatial_pools(x, scale, shift, channel));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_inference", [&] {
-    using T = scalar_t;
-    // The BN as a * v + b, as torch computes it: (v - mean) / sqrt(var + eps) * weight + bias.
-    const T inv_std = T(1) / std::sqrt(bn_var.const_data_ptr<T>()[0] + static_cast<T>(eps));
-    const T a = inv_std * (bn_weight.has_value() ? bn_weight->const_data_ptr<T>()[0] : T(1));
-    const T b = (bn_bias.has_value() ? bn_bias->const_data_ptr<T>()[0] : T(0)) -
-                bn_mean.const_data_ptr<T>()[0] * a;
-    conv_spatial_gate<T>(pooled.const_data_ptr<T>(), batch, x.size(2), x.size(3),
-                         conv_weight.const_data_ptr<T>(), k, a, b, spatial.data_ptr<T>());
-  });
+  const auto channel = cbam_channel_gate(means, maxima, w1, b1, w2, b2);
+  const auto pooled = std::get<0>(cbam_spatial_pools(x, scale, shift, channel));
+  const auto spatial =
+      cbam_spatial_gate(pooled, conv_weight, bn_mean, bn_var, bn_weight, bn_bias, eps);
   cbam_apply(x, scale, shift, channel, spatial, identity, out);
 }
 
@@ -393,6 +542,19 @@ TORCH_LIBRARY_FRAGMENT(mmattn, m) {
         "Tensor spatial, Tensor grad_pooled, Tensor pool_argmax, Tensor grad_mean, "
         "Tensor grad_max, Tensor max_argmax) -> (Tensor, Tensor, Tensor)",
         &cbam_input_grad);
+  m.def("cbam_channel_gate(Tensor mean, Tensor peak, Tensor w1, Tensor b1, Tensor w2, "
+        "Tensor b2) -> Tensor",
+        &cbam_channel_gate);
+  m.def("cbam_channel_gate_backward(Tensor grad, Tensor mean, Tensor peak, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2) -> Tensor[]",
+        &cbam_channel_gate_backward);
+  m.def("cbam_spatial_gate(Tensor pooled, Tensor weight, Tensor bn_mean, Tensor bn_var, "
+        "Tensor? bn_weight, Tensor? bn_bias, float eps) -> Tensor",
+        &cbam_spatial_gate);
+  m.def("cbam_spatial_gate_backward(Tensor grad, Tensor pooled, Tensor weight, "
+        "Tensor bn_mean, Tensor bn_var, Tensor? bn_weight, Tensor? bn_bias, float eps) "
+        "-> Tensor[]",
+        &cbam_spatial_gate_backward);
   m.def("cbam_inference(Tensor x, Tensor? scale, Tensor? shift, Tensor? identity, "
         "Tensor(a!) out, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor conv_weight, "
         "Tensor bn_mean, Tensor bn_var, Tensor? bn_weight, Tensor? bn_bias, float eps) -> ()",

@@ -164,70 +164,24 @@ std::vector<at::Tensor> se_gate_backward(const at::Tensor& grad, const at::Tenso
   check_mlp("se_gate_backward", mean, w1, w2);
   TORCH_CHECK(grad.is_contiguous() && grad.sizes() == mean.sizes(),
               "se_gate_backward: expects a contiguous gradient of shape ", mean.sizes());
-  auto d_mean = at::zeros_like(mean);
+  auto d_mean = at::empty_like(mean);
   auto d_w1 = at::empty_like(w1), d_b1 = at::empty_like(b1);
   auto d_w2 = at::empty_like(w2), d_b2 = at::empty_like(b2);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "se_gate_backward", [&] {
     using T = scalar_t;
     const T* m = mean.const_data_ptr<T>();
-    const T* w1s = w1.const_data_ptr<T>();
-    const T* w2s = w2.const_data_ptr<T>();
-    // The forward values again: h = relu(w1 m + b1) and the logits.
-    std::vector<T> h(batch * hidden), logits(batch * channels);
-    linear(m, batch, channels, w1s, b1.const_data_ptr<T>(), hidden, true, h.data());
-    linear(h.data(), batch, hidden, w2s, b2.const_data_ptr<T>(), channels, false,
-           logits.data());
-    // d logits = grad * g * (1 - g)
-    std::vector<T> dl(batch * channels);
+    // d logits = grad * g * (1 - g), with the logits computed again.
+    auto dl = relu_mlp(m, batch, channels, w1.const_data_ptr<T>(), b1.const_data_ptr<T>(),
+                       hidden, w2.const_data_ptr<T>(), b2.const_data_ptr<T>());
     const T* gr = grad.const_data_ptr<T>();
     for (int64_t i = 0; i < batch * channels; ++i) {
-      const T g = scalar_sigmoid(logits[i]);
+      const T g = scalar_sigmoid(dl[i]);
       dl[i] = gr[i] * g * (T(1) - g);
     }
-    // The second layer: d b2, d w2 = dl^T h, and d h = dl w2, through the ReLU (h > 0).
-    T* db2 = d_b2.data_ptr<T>();
-    T* dw2 = d_w2.data_ptr<T>();
-    at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        db2[c] = T(0);
-        std::fill(dw2 + c * hidden, dw2 + (c + 1) * hidden, T(0));
-        for (int64_t n = 0; n < batch; ++n) {
-          db2[c] += dl[n * channels + c];
-          axpy(dl[n * channels + c], h.data() + n * hidden, dw2 + c * hidden, hidden);
-        }
-      }
-    });
-    std::vector<T> dh(batch * hidden, T(0));
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        T* row = dh.data() + n * hidden;
-        for (int64_t c = 0; c < channels; ++c) axpy(dl[n * channels + c], w2s + c * hidden, row, hidden);
-        for (int64_t j = 0; j < hidden; ++j) {
-          if (!(h[n * hidden + j] > T(0))) row[j] = T(0);
-        }
-      }
-    });
-    // The first layer: d b1, d w1 = dh^T m, and d m = dh w1.
-    T* db1 = d_b1.data_ptr<T>();
-    T* dw1 = d_w1.data_ptr<T>();
-    at::parallel_for(0, hidden, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        db1[j] = T(0);
-        std::fill(dw1 + j * channels, dw1 + (j + 1) * channels, T(0));
-        for (int64_t n = 0; n < batch; ++n) {
-          db1[j] += dh[n * hidden + j];
-          axpy(dh[n * hidden + j], m + n * channels, dw1 + j * channels, channels);
-        }
-      }
-    });
-    T* dm = d_mean.data_ptr<T>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t j = 0; j < hidden; ++j) {
-          axpy(dh[n * hidden + j], w1s + j * channels, dm + n * channels, channels);
-        }
-      }
-    });
+    relu_mlp_backward(m, dl.data(), batch, channels, w1.const_data_ptr<T>(),
+                      b1.const_data_ptr<T>(), hidden, w2.const_data_ptr<T>(),
+                      d_mean.data_ptr<T>(), d_w1.data_ptr<T>(), d_b1.data_ptr<T>(),
+                      d_w2.data_ptr<T>(), d_b2.data_ptr<T>());
   });
   return {d_mean, at::empty({0}, mean.options()), d_w1, d_b1, d_w2, d_b2};
 }

@@ -48,6 +48,58 @@ std::vector<T> relu_mlp(const T* in, int64_t rows, int64_t channels, const T* w1
   return out;
 }
 
+// Backward of relu_mlp on `rows` vectors `in`, for the gradient d_out (rows, C) of its output:
+// writes d_in (rows, C) and the weights' and biases' gradients (summed over the rows).
+template <typename T>
+void relu_mlp_backward(const T* in, const T* d_out, int64_t rows, int64_t channels, const T* w1,
+                       const T* b1, int64_t hidden, const T* w2, T* d_in, T* d_w1, T* d_b1,
+                       T* d_w2, T* d_b2) {
+  std::vector<T> h(rows * hidden);  // the hidden layer again
+  linear(in, rows, channels, w1, b1, hidden, true, h.data());
+  // The second layer: d b2, d w2 = d_out^T h, and d h = d_out w2, through the ReLU (h > 0).
+  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      d_b2[c] = T(0);
+      std::fill(d_w2 + c * hidden, d_w2 + (c + 1) * hidden, T(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        d_b2[c] += d_out[r * channels + c];
+        axpy(d_out[r * channels + c], h.data() + r * hidden, d_w2 + c * hidden, hidden);
+      }
+    }
+  });
+  std::vector<T> dh(rows * hidden, T(0));
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = dh.data() + r * hidden;
+      for (int64_t c = 0; c < channels; ++c) {
+        axpy(d_out[r * channels + c], w2 + c * hidden, row, hidden);
+      }
+      for (int64_t j = 0; j < hidden; ++j) {
+        if (!(h[r * hidden + j] > T(0))) row[j] = T(0);
+      }
+    }
+  });
+  // The first layer: d b1, d w1 = dh^T in, and d in = dh w1.
+  at::parallel_for(0, hidden, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      d_b1[j] = T(0);
+      std::fill(d_w1 + j * channels, d_w1 + (j + 1) * channels, T(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        d_b1[j] += dh[r * hidden + j];
+        axpy(dh[r * hidden + j], in + r * channels, d_w1 + j * channels, channels);
+      }
+    }
+  });
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::fill(d_in + r * channels, d_in + (r + 1) * channels, T(0));
+      for (int64_t j = 0; j < hidden; ++j) {
+        axpy(dh[r * hidden + j], w1 + j * channels, d_in + r * channels, channels);
+      }
+    }
+  });
+}
+
 // out[r, c] = sum over j < k of w[j] * in[r, c + j - k / 2], zero outside 0 <= c < channels: a
 // 1-D convolution along the channels with one input and one output channel (ECA's, no bias).
 template <typename T>

@@ -66,14 +66,17 @@ def test_matches_cbam_op_sequence(training, shape, autograd):
 
 
 @pytest.mark.usefixtures('kernel_path')
-def test_gradients_match_cbam_op_sequence():
-    block = randomised()
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+def test_gradients_match_cbam_op_sequence(training):
+    # Eval mode (a frozen spatial BN, as norm_eval=True backbones train CBAM) runs both gates
+    # and their backward as kernel ops; train mode differentiates the gates' graphs.
+    block = randomised().train(training)
     x = torch.randn(2, 32, 9, 11, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     params = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
     upstream = torch.randn(2, 32, 9, 11)
     (block(x) * upstream).sum().backward()
-    expected = reference_cbam(x_ref, {**state_of(block), **params}, training=True)
+    expected = reference_cbam(x_ref, {**state_of(block), **params}, training=training)
     (expected * upstream).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     for name, param in block.named_parameters():

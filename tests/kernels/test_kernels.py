@@ -37,11 +37,18 @@ def cbam_block() -> ConvolutionalBlockAttention:
     return block
 
 
+CBAM_PASSES = {'mmattn::channel_pools', 'mmattn::cbam_spatial_pools', 'mmattn::cbam_apply',
+               'mmattn::cbam_gate_grads', 'mmattn::cbam_pool_channel_grad',
+               'mmattn::cbam_input_grad'}
 BLOCKS = {
     'sge': (sge_block, {'mmattn::sge_forward', 'mmattn::sge_backward'}),
-    'cbam': (cbam_block, {'mmattn::channel_pools', 'mmattn::cbam_spatial_pools',
-                          'mmattn::cbam_apply', 'mmattn::cbam_gate_grads',
-                          'mmattn::cbam_pool_channel_grad', 'mmattn::cbam_input_grad'}),
+    # Train mode: the spatial BN uses batch statistics, the gates are autograd graphs.
+    'cbam': (cbam_block, CBAM_PASSES),
+    # Eval mode (frozen spatial BN, as in a norm_eval=True backbone): the gates are kernels too.
+    'cbam_eval': (lambda: cbam_block().eval(),
+                  CBAM_PASSES | {'mmattn::cbam_channel_gate', 'mmattn::cbam_channel_gate_backward',
+                                 'mmattn::cbam_spatial_gate',
+                                 'mmattn::cbam_spatial_gate_backward'}),
 }
 
 
