@@ -7,7 +7,12 @@ from mmengine.config import ConfigDict
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mmattn.engine import configure_distributed, distributed_fault_guard, init_distributed
+from mmattn.engine import (
+    close_distributed,
+    configure_distributed,
+    distributed_fault_guard,
+    init_distributed,
+)
 from mmattn.preflight import (
     ConfigError,
     DataNotFoundError,
@@ -62,7 +67,9 @@ def test(config: str, checkpoint: str, *, work_dir: str | None = None, out: str 
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
     with distributed_fault_guard(runner.work_dir):
-        return runner.test()
+        metrics = runner.test()
+        close_distributed()
+    return metrics
 
 
 def _use_tta(cfg, config: str) -> None:

@@ -9,6 +9,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from mmattn.engine import (
+    close_distributed,
     configure_distributed,
     distributed_fault_guard,
     find_resumable_checkpoint,
@@ -85,9 +86,13 @@ def build_train_runner(cfg: Config, *, config_path: str, work_dir: str | None = 
 
 
 def train(config: str, *, cfg_options: dict | None = None, **options) -> Runner:
-    """Train ``config`` as tools/train.py does (``options``: see :func:`build_train_runner`)."""
+    """Train ``config`` as tools/train.py does (``options``: see :func:`build_train_runner`).
+
+    A distributed run ends by closing its process group (:func:`close_distributed`).
+    """
     cfg = load_config(config, cfg_options)
     runner = build_train_runner(cfg, config_path=config, **options)
     with distributed_fault_guard(runner.work_dir):
         runner.train()
+        close_distributed()
     return runner

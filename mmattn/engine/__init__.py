@@ -10,6 +10,7 @@ from .atomic import AtomicLocalBackend, atomic_write
 from .checkpoint_hook import CheckpointSaveError, ResumableCheckpointHook
 from .dist import (
                    DistributedFaultError,
+                   close_distributed,
                    configure_distributed,
                    distributed_fault_guard,
                    init_distributed,
@@ -23,6 +24,7 @@ __all__ = [
     'AtomicLocalBackend', 'CheckpointSaveError', 'CorruptCheckpointError',
     'DistributedFaultError', 'NonFiniteLossError', 'NonFiniteLossHook',
     'ResumableCheckpointHook', 'ResumableEpochBasedTrainLoop', 'ResumableIterBasedTrainLoop',
-    'TrainingAborted', 'atomic_write', 'configure_distributed', 'distributed_fault_guard',
-    'find_resumable_checkpoint', 'init_distributed', 'protect_training', 'verify_checkpoint'
+    'TrainingAborted', 'atomic_write', 'close_distributed', 'configure_distributed',
+    'distributed_fault_guard', 'find_resumable_checkpoint', 'init_distributed', 'protect_training',
+    'verify_checkpoint'
 ]

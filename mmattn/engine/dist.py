@@ -136,6 +136,16 @@ def distributed_fault_guard(work_dir: str | None = None) -> Iterator[None]:
             f'{_resume_hint(work_dir)}') from err
 
 
+def close_distributed() -> None:
+    """End a distributed run that finished: wait for every process, then destroy the process
+    group, so that the backend's threads are joined before the interpreter exits (left to the
+    destructors at exit, a gloo process can abort with "terminate called without an active
+    exception" after its work is done). Nothing outside a distributed run."""
+    if is_distributed():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def _resume_hint(work_dir: str | None) -> str:
     last = None
     marker = osp.join(work_dir, 'last_checkpoint') if work_dir else None
