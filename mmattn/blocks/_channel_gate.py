@@ -48,7 +48,7 @@ class PooledGateMixin:
     def fused_pre_norm(self, x: torch.Tensor, scale: torch.Tensor,
                        shift: torch.Tensor) -> torch.Tensor:
         """``self(x) * scale + shift``: a frozen BN after the block folded in (see
-        :func:`gate_norm`)."""
+        :func:`gate_norm`), for a backbone that gives ``x`` up."""
         return gate_norm(self, x, scale, shift)
 
     def inference_kernel(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:

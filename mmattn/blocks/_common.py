@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
+
 
 def check_divisible(block: nn.Module, in_channels: int, **divisors: int) -> None:
     """Raise ValueError unless every named divisor divides ``in_channels``."""
@@ -104,13 +106,19 @@ def spatial_max(x: torch.Tensor) -> torch.Tensor:
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` with one factor and one term per sample and channel, (N, C).
 
-    One vectorised pass: torch's batch-norm kernel in eval mode, over x viewed as a single
-    sample of N * C channels, with mean 0, variance 1 and eps 0, computes exactly
+    One vectorised pass: the CPU kernel where it takes the tensors (one op, where the next way
+    takes four), else torch's batch-norm kernel in eval mode, over x viewed as a single sample
+    of N * C channels, with mean 0, variance 1 and eps 0, which computes exactly
     ``x * scale + shift`` per channel. ``torch.addcmul`` with a broadcast (N, C, 1, 1) input
     takes about twice as long on the CPU. Tensors that cannot be viewed that way (channels_last)
     or of another dtype than the factors take a multiply and an add.
     """
     n, c = x.shape[:2]
+    if x.dim() == 4 and kernels.usable(x, scale, shift):
+        out = torch.empty_like(x)
+        torch.ops.mmattn.channel_affine_residual(x, scale.reshape(n, c), shift.reshape(n, c),
+                                                 None, out)
+        return out
     scale, shift = scale.reshape(n * c), shift.reshape(n * c)
     if x.is_contiguous() and x.dtype == scale.dtype == shift.dtype:
         mean, var = torch.zeros_like(scale), torch.ones_like(scale)

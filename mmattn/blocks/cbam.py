@@ -340,11 +340,12 @@ class _KernelCBAM(torch.autograd.Function):
     """identity + x * channel * spatial as one autograd node, x = src * scale + shift with a
     frozen BN folded in.
 
-    The two gates' graphs (the MLP from x's pools, the conv from the channel-wise pools of
-    x * channel) are recorded in forward from leaves that stand for the pools, and
-    differentiated with :func:`torch.autograd.grad` in backward; the kernels do the passes over
-    the feature maps. Backward keeps x (or src, or what recomputes x), the two gates and the
-    pools' argmaxes.
+    The kernels do the passes over the feature maps. The two gates (the MLP from x's pools, the
+    conv from the channel-wise pools of x * channel) are kernel ops too, forward and backward,
+    where :func:`_kernel_gates` covers the block (a frozen spatial BN); otherwise their graphs
+    are recorded in forward from leaves that stand for the pools, and differentiated with
+    :func:`torch.autograd.grad` in backward. Backward keeps x (or src, or what recomputes x),
+    the two gates, the pools and the pools' argmaxes.
     """
 
     @staticmethod

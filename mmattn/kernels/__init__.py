@@ -1,5 +1,6 @@
-"""Fused CPU kernels for the blocks whose eager PyTorch form needs many passes (SGE, CBAM, and
-SE/ECA with a frozen BN folded in).
+"""Fused CPU kernels: the passes over the feature map that eager PyTorch makes many of (SGE,
+CBAM, and SE, ECA, CGD and GSoP with a frozen BN folded in), and the blocks' small gate functions
+with their backward (see gates.h for why those pay), so that a block is a few calls.
 
 The C++ sources beside this file are compiled on first use with torch's JIT extension builder
 (ninja and a C++ compiler; about 30 s, once per machine: the build is cached under
