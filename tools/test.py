@@ -1,12 +1,10 @@
 """Evaluate a checkpoint; prints COCO box AP, AP50, AP75, AP_S, AP_M, AP_L (or the metrics)."""
 import argparse
-import os
 
-from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
-from mmattn.apis import exit_on_known_error, test
+from mmattn.apis import add_launch_arguments, exit_on_known_error, parse_launch_arguments, test
 from mmattn.evaluation import metrics_table
 
 
@@ -18,14 +16,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--out', help='dump the raw detections to this .pkl file')
     parser.add_argument('--show-dir', help='save drawn predictions under work_dir/<time>/SHOW_DIR')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config keys, e.g. data_root=/data/coco/')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_launch_arguments(parser, 'data_root=/data/coco/')
+    return parse_launch_arguments(parser)
 
 
 def main() -> None:

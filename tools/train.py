@@ -1,11 +1,8 @@
 """Train a detector or classifier from a config: mmdet's tools/train.py arguments."""
 import argparse
-import os
-
-from mmengine.config import DictAction
 
 import mmattn  # noqa: F401  (registers the blocks, makes checkpoints load safely)
-from mmattn.apis import exit_on_known_error, train
+from mmattn.apis import add_launch_arguments, exit_on_known_error, parse_launch_arguments, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -17,15 +14,8 @@ def parse_args() -> argparse.Namespace:
                         help='scale the lr to the real batch size')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from this checkpoint, or (no value) the latest in work-dir')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config keys, e.g. data_root=/data/coco/ '
-                             'train_cfg.max_epochs=12')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_launch_arguments(parser, 'data_root=/data/coco/ train_cfg.max_epochs=12')
+    return parse_launch_arguments(parser)
 
 
 def main() -> None:
