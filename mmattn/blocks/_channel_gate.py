@@ -25,12 +25,13 @@ from torch.autograd.function import once_differentiable
 from .. import kernels
 from ._common import (
     Restore,
+    affine_residual,
     channel_affine,
     fp32_region,
+    grad_sums,
     multiply_add_,
     needs_grad,
     spatial_mean,
-    stat_dtype,
 )
 
 
@@ -118,18 +119,6 @@ def _grad_input(grad: torch.Tensor, factor: torch.Tensor, grad_mean: torch.Tenso
     if grad_peak is not None:
         out.flatten(2).scatter_add_(2, index[:, :, None], grad_peak.to(grad.dtype)[:, :, None])
     return out
-
-
-def _grad_sums(grad: torch.Tensor, x: torch.Tensor,
-               with_grad_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per (n, c), the sums over H x W of ``grad * x`` and (``with_grad_sum``) of ``grad``, in
-    :func:`stat_dtype`: one pass through the CPU kernel, where PyTorch writes the product out
-    and sums it."""
-    if kernels.usable(grad, x):
-        return torch.ops.mmattn.channel_grad_sums(grad, x)
-    dtype = stat_dtype(grad)
-    by_x = torch.mul(grad, x).sum(dim=(2, 3), dtype=dtype)
-    return by_x, grad.sum(dim=(2, 3), dtype=dtype) if with_grad_sum else None
 
 
 def pooled_gate(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -224,11 +213,11 @@ class _PooledGate(torch.autograd.Function):
         # sum over H x W of grad * x, per (n, c)
         if ctx.mode == 'affine':
             scale, shift = affine
-            by_src, by_one = _grad_sums(grad, kept, with_grad_sum=True)
+            by_src, by_one = grad_sums(grad, kept, with_grad_sum=True)
             grad_gate = by_src * scale + by_one * shift
         else:
             x = Restore(kept, ctx.fn)() if ctx.mode == 'restore' else kept
-            grad_gate, _ = _grad_sums(grad, x, with_grad_sum=False)
+            grad_gate, _ = grad_sums(grad, x, with_grad_sum=False)
             if ctx.mode == 'output':  # the sums are of grad * x * g
                 gate = g.flatten(1).to(grad_gate.dtype)
                 grad_gate = torch.where(gate != 0, grad_gate / gate, torch.zeros_like(gate))
@@ -310,18 +299,10 @@ def _folded(block: nn.Module, norm_first: bool, src: torch.Tensor, scale: torch.
 
 def _folded_output(src: torch.Tensor, g: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                    norm_first: bool, identity: torch.Tensor | None) -> torch.Tensor:
-    """src * (g * s) + (g * t or t) (+ identity), per (n, c), in one pass (in PyTorch, two
-    with identity; one through the CPU kernel)."""
+    """src * (g * s) + (g * t or t) (+ identity), per (n, c), in a new tensor."""
     a = (g * s).to(src.dtype)
     b = (g * t if norm_first else t.expand_as(g)).to(src.dtype).contiguous()
-    if identity is not None and kernels.usable(src, identity, a, b):
-        out = torch.empty_like(src)
-        torch.ops.mmattn.channel_affine_residual(src, a, b, identity, out)
-        return out
-    out = channel_affine(src, a, b)
-    if identity is not None:
-        out += identity
-    return out
+    return affine_residual(src, a, b, identity)
 
 
 class _FoldedNorm(torch.autograd.Function):
@@ -368,7 +349,7 @@ class _FoldedNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         src, g, index = ctx.saved_tensors
         s, t = (v.detach() for v in ctx.affine)
-        by_src, by_one = _grad_sums(grad, src, with_grad_sum=True)
+        by_src, by_one = grad_sums(grad, src, with_grad_sum=True)
         if ctx.norm_first:
             # out = identity + g * (src * s + t)
             grad_gate = by_src * s + by_one * t

@@ -40,6 +40,19 @@ def stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def check_batch_statistics(block: nn.Module, name: str, values: int, seen: str) -> None:
+    """Raise ValueError when the BatchNorm ``block.<name>``, in training mode, would see one value
+    per channel (``values``, what ``seen`` describes), where torch's own error names neither the
+    block nor the fix. SyncBN is not checked: it takes its statistics over all processes."""
+    norm = block.get_submodule(name)
+    if values == 1 and norm.training and isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        raise ValueError(
+            f'{type(block).__name__}: {name} is a BatchNorm in training mode but sees one value '
+            f'per channel ({seen}); train with the backbone\'s norm_eval=True (frozen BN, as '
+            'detectors do with 1 image per GPU), SyncBN over several GPUs, or at least 2 images '
+            'per batch.')
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
@@ -131,6 +144,32 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return torch.mul(x, scale.view(n, c, 1, 1).to(x.dtype)).add_(shift.view(n, c, 1, 1).to(x.dtype))
 
 
+def affine_residual(src: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    identity: torch.Tensor | None) -> torch.Tensor:
+    """``src * a + b (+ identity)`` with (N, C) ``a`` and ``b``, in a new tensor: one pass
+    through the CPU kernel (in PyTorch, two with an identity)."""
+    if identity is not None and kernels.usable(src, identity, a, b):
+        out = torch.empty_like(src)
+        torch.ops.mmattn.channel_affine_residual(src, a, b, identity, out)
+        return out
+    out = channel_affine(src, a, b)
+    if identity is not None:
+        out += identity
+    return out
+
+
+def grad_sums(grad: torch.Tensor, x: torch.Tensor,
+              with_grad_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per (n, c), the sums over H x W of ``grad * x`` and (``with_grad_sum``) of ``grad``, in
+    :func:`stat_dtype`: one pass through the CPU kernel, where PyTorch writes the product out
+    and sums it."""
+    if kernels.usable(grad, x):
+        return torch.ops.mmattn.channel_grad_sums(grad, x)
+    dtype = stat_dtype(grad)
+    by_x = torch.mul(grad, x).sum(dim=(2, 3), dtype=dtype)
+    return by_x, grad.sum(dim=(2, 3), dtype=dtype) if with_grad_sum else None
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records an op on ``tensors`` (grad mode on, one of them requires grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -160,11 +199,14 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor,
                    restore: Restore | None = None) -> torch.Tensor:
     """``identity + x * gate`` written over ``x`` in one pass, for a backbone that gives ``x`` up.
 
-    ``gate`` broadcasts against ``x``, or against ``x`` split into groups (see :func:`grouped`);
-    it is cast to x's dtype. The sum is one ``addcmul`` pass (see :func:`multiply_add_`). With
-    autograd, backward keeps the gate and ``restore.source`` (or, without ``restore``, x, in
-    which case the sum goes to a new tensor), never the product.
+    ``gate`` is one factor per channel, (N, C, 1, 1) or (1, C, 1, 1), cast to x's dtype. The
+    sum is one ``addcmul`` pass (see :func:`multiply_add_`). With autograd, backward keeps the
+    gate and ``restore.source`` (or, without ``restore``, x, in which case the sum goes to a new
+    tensor), never the product.
     """
+    if gate.dim() != 4 or gate.shape[1:] != (x.shape[1], 1, 1):
+        raise ValueError(f'gated_residual: gate of shape {tuple(gate.shape)} for x of shape '
+                         f'{tuple(x.shape)}; it takes one factor per channel, (N, C, 1, 1).')
     gate = gate.to(x.dtype)
     if not needs_grad(x, gate, identity):
         return multiply_add_(x, gate, identity)
@@ -189,11 +231,12 @@ def multiply_add_(x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor,
 
 
 class _GatedResidual(torch.autograd.Function):
-    """identity + x * gate, written over x when ``fn`` can recompute x from ``source``.
+    """identity + x * gate for a per-channel gate, written over x when ``fn`` can recompute x
+    from ``source``.
 
-    With ``scale`` and ``shift`` (x = source * scale + shift per channel) a per-channel gate's
-    gradient comes from two sums over ``source``, without recomputing x. Backward allocates one
-    feature map: the input's gradient, which first holds the products the gate's gradient sums.
+    With ``scale`` and ``shift`` (x = source * scale + shift per channel) the gate's gradient
+    comes from two sums over ``source``, without recomputing x. Backward allocates one feature
+    map: the input's gradient, which first holds the products the gate's gradient sums.
     """
 
     @staticmethod
@@ -201,7 +244,7 @@ class _GatedResidual(torch.autograd.Function):
                 source: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor] | None,
                 scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
         ctx.fn = fn
-        ctx.affine = scale is not None and _per_channel(gate)
+        ctx.affine = scale is not None
         if fn is None:
             ctx.save_for_backward(x, gate)
             return multiply_add_(x, gate, identity, out=torch.empty_like(x))
@@ -224,17 +267,11 @@ class _GatedResidual(torch.autograd.Function):
             else:
                 x = kept if ctx.fn is None else Restore(kept, ctx.fn)()
                 products = torch.mul(grad, x)
-                grad_gate = grouped(products, gate)
+                grad_gate = products.sum(dim=(2, 3), keepdim=True)
             grad_gate = grad_gate.sum_to_size(gate.shape).to(gate.dtype)
             if ctx.needs_input_grad[0] and products.dtype == grad.dtype:
                 grad_x = products  # no longer needed: reuse its memory
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(grad) if grad_x is None else grad_x
-            torch.mul(grouped(grad, gate), gate, out=grouped(grad_x, gate))
+            grad_x = torch.mul(grad, gate, out=grad_x)
         grad_identity = grad if ctx.needs_input_grad[2] else None
         return grad_x, grad_gate, grad_identity, None, None, None, None
-
-
-def _per_channel(gate: torch.Tensor) -> bool:
-    """Whether ``gate`` is one factor per sample and channel, (N, C, 1, 1)."""
-    return gate.dim() == 4 and gate.shape[2:] == (1, 1)

@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
-from ._common import fp32_region, reduced_channels, stat_dtype
+from ._common import check_batch_statistics, fp32_region, reduced_channels, stat_dtype
 
 
 @MODELS.register_module()
@@ -116,14 +116,8 @@ class BottleneckAttention(BaseModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_c = self.channel_att.gate_c
-        if x.shape[0] == 1 and gate_c.gate_c_bn_1.training and isinstance(
-                gate_c.gate_c_bn_1, nn.BatchNorm1d):
-            raise ValueError(
-                f'{type(self).__name__}: batch size 1 in training mode, but the channel '
-                'branch\'s BatchNorm1d (channel_att.gate_c.gate_c_bn_1) needs at least 2 '
-                'samples for batch statistics; keep the backbone\'s norm_eval=True '
-                '(frozen BN, as for detection with 1 image per GPU), convert to SyncBN, '
-                'or train with at least 2 images per batch.')
+        check_batch_statistics(self, 'channel_att.gate_c.gate_c_bn_1', x.shape[0],
+                               f'batch size {x.shape[0]}')
         with fp32_region(x):
             channel = gate_c(x.mean(dim=(2, 3), dtype=stat_dtype(x)))
         spatial = self.spatial_att.gate_s(x)

@@ -6,9 +6,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from ._common import Restore, fp32_region, gated_residual, stat_dtype
+from ._common import (
+    Restore,
+    affine_residual,
+    channel_affine,
+    check_batch_statistics,
+    fp32_region,
+    gated_residual,
+    grad_sums,
+    needs_grad,
+    stat_dtype,
+)
 
 # The authors' fusion modes, by our name: '1', '2', '+' and 'M' in their code.
 _MODES = ('channel', 'position', 'sum', 'max')
@@ -70,9 +81,11 @@ class GlobalSecondOrderPooling(BaseModule):
     In :class:`~mmattn.backbones.AttnResNet` the channel gate is applied inside
     the residual add (``fused_residual``), and backward forms the gate's
     gradient from bn3's input instead of keeping the block's input (see
-    ``mmattn.blocks._common``). Without autograd on the CPU, a frozen bn3 is
-    folded into two kernel passes (:mod:`mmattn.kernels`): the rectified,
-    subsampled input, and the gated residual add.
+    ``mmattn.blocks._common``). A frozen bn3 (mmdet's ``norm_eval=True``) is
+    folded into the block (``fused_norm_residual``): two passes over bn3's
+    input, the rectified, subsampled input and the gated residual add (CPU
+    kernels where they take the tensors, :mod:`mmattn.kernels`), and in
+    training one autograd node that writes bn3's input gradient in one pass.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -168,23 +181,33 @@ class GlobalSecondOrderPooling(BaseModule):
         return gated_residual(x, gate, identity, restore)
 
     def folds_norm(self, src: torch.Tensor, identity: torch.Tensor) -> bool:
-        """Whether :meth:`fused_norm_residual` takes these tensors: in channel mode, without
-        autograd, where the CPU kernels do."""
-        return (self.mode == 'channel' and not torch.is_grad_enabled()
-                and kernels.usable(src, identity))
+        """Whether :meth:`fused_norm_residual` takes these tensors: in channel mode, with
+        autograd in full precision (bn3's pass and backward join the block's node), and
+        without where the CPU kernels do."""
+        if self.mode != 'channel':
+            return False
+        if torch.is_grad_enabled():
+            return src.dtype == stat_dtype(src)
+        return kernels.usable(src, identity)
 
     def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                             identity: torch.Tensor) -> torch.Tensor:
-        """``identity + self(src * scale + shift)``, a frozen bn3 folded in, written over
-        ``src``, for tensors :meth:`folds_norm` accepts: the rectified, subsampled input in one
-        pass, and ``src * (gate * scale) + gate * shift + identity`` in another (without the
-        fold: bn3's pass, the ReLU's and the gated add)."""
-        ops = torch.ops.mmattn
-        rectified = ops.channel_affine_relu(src, scale, shift, self.dr_stride)
+        """``identity + self(src * scale + shift)``, a frozen bn3 folded in, for tensors
+        :meth:`folds_norm` accepts: the rectified, subsampled input in one pass, and
+        ``src * (gate * scale) + gate * shift + identity`` in another (without the fold: bn3's
+        pass, the ReLU's and the gated add). With autograd it is one node
+        (:class:`_FoldedChannelGSoP`) that keeps ``src``, as bn3 would; without, it is written
+        over ``src``."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if needs_grad(src, scale, shift, identity, *params):
+            return _FoldedChannelGSoP.apply(self, src, scale, shift, identity, *params)
+        rectified = _affine_rectified(src, scale, shift, self.dr_stride)
         gate = self._channel_attention(rectified).flatten(1)
         a, b = (gate * scale).to(src.dtype), (gate * shift).to(src.dtype)
-        ops.channel_affine_residual(src, a, b, identity, src)
-        return src
+        if kernels.usable(src, a, b, identity):
+            torch.ops.mmattn.channel_affine_residual(src, a, b, identity, src)
+            return src
+        return src.mul_(a[:, :, None, None]).add_(b[:, :, None, None]).add_(identity)
 
     def _position_modes(self, x: torch.Tensor) -> torch.Tensor:
         """forward() of the position, sum and max modes."""
@@ -203,7 +226,7 @@ class GlobalSecondOrderPooling(BaseModule):
         """(N, C, H', W') rectified, subsampled input -> (N, C, 1, 1) fp32 gate."""
         reduced = self.conv_for_DR(rectified)
         with fp32_region(reduced):
-            reduced = F.relu(self._normalise(self.bn_for_DR, reduced.to(stat_dtype(reduced))))
+            reduced = F.relu(self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced))))
             n, d, h, w = reduced.shape
             flat = reduced.reshape(n, d, h * w)
             centred = flat - flat.mean(dim=2, keepdim=True)
@@ -215,7 +238,7 @@ class GlobalSecondOrderPooling(BaseModule):
         """(N, C, H, W) rectified input -> (N, 1, H, W) fp32 gate."""
         reduced = self.conv_for_DR_spatial(rectified)
         with fp32_region(reduced):
-            reduced = self._normalise(self.bn_for_DR_spatial, reduced.to(stat_dtype(reduced)))
+            reduced = self._normalise('bn_for_DR_spatial', reduced.to(stat_dtype(reduced)))
             grid = F.adaptive_avg_pool2d(reduced, _GRID).flatten(2)
             cells = _GRID * _GRID
             # The authors' cov_feature: X^T (I / M - 1 1^T / M^2) X with M = 64
@@ -228,15 +251,78 @@ class GlobalSecondOrderPooling(BaseModule):
             att = att.view(-1, 1, _GRID, _GRID)
             return F.adaptive_avg_pool2d(att, rectified.shape[2:])
 
-    def _normalise(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, name: str, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        if norm.training and isinstance(norm, nn.BatchNorm2d) and n * h * w == 1:
-            raise ValueError(
-                f'{type(self).__name__}: BatchNorm after the dimension reduction is in '
-                f'training mode but sees one value per channel (batch {n}, {h}x{w} map '
-                'after the reduction); train with the backbone\'s norm_eval=True '
-                '(frozen BN), SyncBN over several GPUs, or at least 2 images per batch.')
-        return norm(x)
+        check_batch_statistics(self, name, n * h * w,
+                               f'batch {n}, {h}x{w} map after the reduction')
+        return getattr(self, name)(x)
+
+
+def _affine_rectified(src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      stride: int) -> torch.Tensor:
+    """``relu(src * scale + shift)`` with (C, ) ``scale`` and ``shift``, subsampled by
+    ``stride``: one pass over a quarter of ``src`` (stride 2) through the CPU kernel."""
+    if kernels.usable(src, scale, shift):
+        return torch.ops.mmattn.channel_affine_relu(src, scale, shift, stride)
+    sub = src[:, :, ::stride, ::stride]
+    return F.relu(sub * scale.view(-1, 1, 1).to(src.dtype) + shift.view(-1, 1, 1).to(src.dtype))
+
+
+class _FoldedChannelGSoP(torch.autograd.Function):
+    """out = identity + x * gate(relu(x subsampled)) for x = src * scale + shift, a frozen bn3
+    before the channel-mode block, as one autograd node.
+
+    Forward makes two passes over ``src`` (the rectified, subsampled input; the output), and
+    records the gate's own graph, from the rectified input (a leaf) and the block's parameters,
+    to be differentiated with :func:`torch.autograd.grad` in backward. Backward keeps ``src``
+    (which bn3 keeps anyway) and writes ``src``'s gradient in one pass plus, on the subsampled
+    positions, the rectified input's share; in the unfused network autograd writes those as
+    separate feature maps (the gated add's, the ReLU's, the subsampling's zeros, bn3's) and
+    adds them.
+    """
+
+    @staticmethod
+    def forward(ctx, block: GlobalSecondOrderPooling, src: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor, identity: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        s, t = scale.to(src.dtype), shift.to(src.dtype)
+        rectified = _affine_rectified(src, s, t, block.dr_stride).requires_grad_()
+        with torch.enable_grad():
+            gate = block._channel_attention(rectified).flatten(1)
+        g = gate.detach()
+        ctx.stride, ctx.dtypes = block.dr_stride, (scale.dtype, shift.dtype)
+        ctx.gate, ctx.rectified, ctx.params = gate, rectified, params
+        ctx.save_for_backward(src, g, s, t)
+        return affine_residual(src, (g * s).to(src.dtype), (g * t).to(src.dtype), identity)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        src, g, s, t = ctx.saved_tensors
+        # Through the gated add, out = identity + g * (src * s + t).
+        by_src, by_one = grad_sums(grad, src, with_grad_sum=True)
+        grad_gate = by_src * s + by_one * t
+        grad_s, grad_t = (g * by_src).sum(0), (g * by_one).sum(0)
+        # Through the gate, to the rectified input and the block's parameters. retain_graph:
+        # a caller may run backward twice (retain_graph=True outside, as gradcheck does).
+        grad_rectified, *grad_params = torch.autograd.grad(
+            ctx.gate, [ctx.rectified, *ctx.params], grad_gate.to(ctx.gate.dtype),
+            retain_graph=True, allow_unused=True)
+        # Through the ReLU and the subsampled affine map, rectified = relu(sub * s + t).
+        rectified = ctx.rectified.detach()
+        grad_sub = torch.ops.aten.threshold_backward(grad_rectified.to(grad.dtype), rectified, 0)
+        sub = src[:, :, ::ctx.stride, ::ctx.stride]
+        by_sub, by_sub_one = grad_sums(grad_sub, sub, with_grad_sum=True)
+        grad_s, grad_t = grad_s + by_sub.sum(0), grad_t + by_sub_one.sum(0)
+
+        grad_src = None
+        if ctx.needs_input_grad[1]:
+            factor = (g * s).to(grad.dtype)
+            grad_src = channel_affine(grad, factor, torch.zeros_like(factor))
+            grad_src[:, :, ::ctx.stride, ::ctx.stride].addcmul_(grad_sub, s.view(-1, 1, 1))
+        grad_scale = grad_s.to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None
+        grad_shift = grad_t.to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
+        grad_identity = grad if ctx.needs_input_grad[4] else None
+        return (None, grad_src, grad_scale, grad_shift, grad_identity, *grad_params)
 
 
 def _row_wise(conv: nn.Conv2d, rows: torch.Tensor) -> torch.Tensor:

@@ -180,8 +180,9 @@ def test_all_zero_input_is_finite():
 
 
 def test_batch_of_one_in_training_names_the_fix():
-    with pytest.raises(ValueError, match=r'BottleneckAttention: batch size 1 in training mode.*'
-                                         r'gate_c_bn_1.*norm_eval=True'):
+    with pytest.raises(ValueError, match=r'BottleneckAttention: channel_att.gate_c.gate_c_bn_1 '
+                                         r'is a BatchNorm in training mode .*\(batch size 1\)'
+                                         r'.*norm_eval=True'):
         randomised()(torch.randn(1, 64, 9, 11))
 
 

@@ -9,6 +9,7 @@ from mmattn.blocks import (
     CompactGlobalDescriptor,
     ConvolutionalBlockAttention,
     EfficientChannelAttention,
+    GlobalSecondOrderPooling,
     SpatialGroupEnhance,
     SqueezeExcitation,
 )
@@ -35,14 +36,29 @@ def restored(fn):
     return wrapped
 
 
-@pytest.mark.parametrize('with_restore', [False, True], ids=['keeps_x', 'restores_x'])
-@pytest.mark.parametrize('gate_shape', [(2, 8, 1, 1), (2, 4, 1, 3, 5), (1, 8, 3, 5)],
-                         ids=['channel', 'grouped', 'full'])
-def test_gated_residual_gradcheck(gate_shape, with_restore):
-    def fn(x, gate, identity, restore=None):
-        return gated_residual(x * 1, gate, identity, restore)
-    fn = restored(fn) if with_restore else fn
+@pytest.mark.parametrize('keep', ['x', 'restore_fn', 'restore_affine'])
+@pytest.mark.parametrize('gate_shape', [(2, 8, 1, 1), (1, 8, 1, 1)],
+                         ids=['per_sample', 'shared'])
+def test_gated_residual_gradcheck(gate_shape, keep):
+    scale = torch.rand(1, 8, 1, 1, dtype=torch.float64) + 0.5
+    shift = torch.randn(1, 8, 1, 1, dtype=torch.float64)
+
+    def fn(source, gate, identity):
+        x = source * scale + shift  # the backbone's norm output, which it gives up
+        if keep == 'x':
+            return gated_residual(x, gate, identity)
+        affine = (scale.flatten(), shift.flatten()) if keep == 'restore_affine' else None
+        return gated_residual(x, gate, identity, Restore(source, lambda s: s * scale + shift,
+                                                         affine))
     assert gradcheck(fn, (doubled(2, 8, 3, 5), doubled(*gate_shape), doubled(2, 8, 3, 5)))
+
+
+@pytest.mark.parametrize('gate_shape', [(2, 4, 1, 1, 1), (2, 8, 3, 5), (2, 8)])
+def test_gated_residual_rejects_gates_that_are_not_per_channel(gate_shape):
+    x = torch.randn(2, 8, 3, 5)
+    with pytest.raises(ValueError, match=r'gated_residual: gate of shape .* one factor per '
+                                         r'channel, \(N, C, 1, 1\)'):
+        gated_residual(x, torch.rand(gate_shape), torch.randn(2, 8, 3, 5))
 
 
 def channel_gates():
@@ -126,6 +142,58 @@ def test_sge_function_gradcheck(shape, identity):
             return _GroupEnhance.apply(x, w, b, None, None, None, 4, 1e-5)
         inputs = (doubled(*shape), weight, bias)
     assert gradcheck(fn, inputs)
+
+
+def gsop_block(stride: int) -> GlobalSecondOrderPooling:
+    """A channel-mode GSoP block in float64, away from its init, its BN layers frozen."""
+    block = GlobalSecondOrderPooling(8, att_dim=4, dr_stride=stride).double().eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+        for name, buffer in block.named_buffers():
+            if name.endswith('running_var'):
+                buffer.uniform_(0.5, 2)
+            elif name.endswith('running_mean'):
+                buffer.normal_(0, 0.2)
+    return block
+
+
+@pytest.mark.usefixtures('kernel_path')
+@pytest.mark.parametrize('stride', [1, 2])
+def test_gsop_folded_norm_gradcheck(stride):
+    # bn3 as (scale, shift), both trained, the scale of both signs; odd map sides, so stride 2
+    # keeps the first row and column of each pair and the last one alone.
+    block = gsop_block(stride)
+    params = list(block.parameters())
+
+    def fn(src, scale, shift, identity, *params):
+        return block.fused_norm_residual(src * 1, scale, shift, identity)
+    assert gradcheck(fn, (doubled(2, 8, 5, 7), doubled(8), doubled(8), doubled(2, 8, 5, 7),
+                          *params))
+
+
+@pytest.mark.usefixtures('kernel_path')
+@pytest.mark.parametrize('stride', [1, 2])
+def test_gsop_folded_norm_equals_bn_and_block(stride):
+    # Against nn.BatchNorm2d in eval mode and the block's own forward, outputs and gradients.
+    block = gsop_block(stride)
+    norm = nn.BatchNorm2d(8).double().eval()
+    with torch.no_grad():
+        norm.weight.normal_(0, 1)  # both signs
+        norm.bias.normal_(0, 0.5)
+        norm.running_mean.normal_(0, 0.5)
+        norm.running_var.uniform_(0.5, 2)
+    src, identity = doubled(2, 8, 6, 7), doubled(2, 8, 6, 7)
+    upstream = torch.randn(2, 8, 6, 7, dtype=torch.float64)
+    inputs = [src, identity, norm.weight, norm.bias, *block.parameters()]
+    expected = block(norm(src)) + identity
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+    actual = block.fused_norm_residual(src * 1, *frozen_affine(norm), identity)
+    assert type(actual.grad_fn).__name__ == '_FoldedChannelGSoPBackward'
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.usefixtures('kernel_path')

@@ -160,15 +160,18 @@ def test_basic_block_fuses_at_after_conv2(block):
     assert_grads_close(grads, expected_grads)
 
 
-def test_frozen_stages_and_no_grad_input_still_train_later_plugins():
+@pytest.mark.usefixtures('kernel_path')
+@pytest.mark.parametrize('block', ['sge', 'gsop'])
+def test_frozen_stages_and_no_grad_input_still_train_later_plugins(block):
     # Stage 1 frozen: its blocks run without autograd (fused in place), stage 2 trains.
-    model = network([PLACED['sge']], frozen_stages=1).train()
+    model = network([PLACED[block]], frozen_stages=1).train()
     x = torch.randn(2, 3, 25, 29, dtype=torch.float64)
     outs, grads = forward_backward(model, x)
     expected_outs, expected_grads = forward_backward(unfused(model), x)
     torch.testing.assert_close(outs, expected_outs, rtol=1e-12, atol=1e-12)
     assert_grads_close(grads, expected_grads)
-    assert 'layer1.0.sge.weight' not in grads and 'layer2.0.sge.weight' in grads
+    trained = {name.split('.')[0] for name in grads if f'.{block}.' in name}
+    assert trained == {'layer2'}
 
 
 def test_a_hooked_plugin_is_called_as_a_module():
@@ -243,6 +246,21 @@ def test_frozen_bn_is_folded_into_the_gate(block):
     model = network([PLACED[block]], norm_eval=False).train()
     names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
     assert '_FoldedNormBackward' not in names
+
+
+def test_frozen_bn3_is_folded_into_gsop():
+    # GSoP on the last block of each of the 2 stages: bn3 joins the block's node there, and the
+    # block's own BN layers sit in the gate's graph, which the node differentiates itself.
+    model = network([PLACED['gsop']], norm_eval=True).train()
+    names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
+    assert names.count('_FoldedChannelGSoPBackward') == 2
+    # stem + 3 per block + 2 downsamples, less the 2 folded
+    assert names.count('NativeBatchNormBackward0') == 1 + 3 * 7 + 2 - 2
+    # With batch statistics (norm_eval=False) nothing is folded: bn3's output is gated.
+    model = network([PLACED['gsop']], norm_eval=False).train()
+    names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
+    assert '_FoldedChannelGSoPBackward' not in names
+    assert names.count('_GatedResidualBackward') == 2
 
 
 @pytest.mark.usefixtures('kernel_path')

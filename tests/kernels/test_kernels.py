@@ -268,9 +268,10 @@ def test_channel_gate_backward_sums_in_one_kernel_pass():
 
 
 @pytest.mark.parametrize('mode, grad, folded', [
-    ('channel', False, True), ('channel', True, False), ('sum', False, False)])
-def test_gsop_folds_a_frozen_bn3_in_channel_mode_inference(mode, grad, folded, kernel_path):
-    # The rectified, subsampled input and the gated add, each one kernel pass with bn3 in them.
+    ('channel', False, True), ('channel', True, True), ('sum', False, False)])
+def test_gsop_folds_a_frozen_bn3_in_channel_mode(mode, grad, folded, kernel_path):
+    # The rectified, subsampled input and the gated add, each one kernel pass with bn3 in them,
+    # without autograd and (the parameters require grad) in the folded node's forward.
     from mmattn.backbones import AttnResNet
     model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
                        out_indices=(0, ), norm_eval=True,
