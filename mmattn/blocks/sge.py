@@ -50,7 +50,8 @@ class SpatialGroupEnhance(BaseModule):
     in AttnResNet the gate is applied inside the residual add
     (``fused_residual``, see ``mmattn.blocks._common``). On the CPU, float32
     and float64 tensors go through fused kernels (:mod:`mmattn.kernels`) that
-    work on one group of one sample at a time while it stays in cache.
+    work on one group of one sample at a time while it stays in cache; in
+    inference they fold a frozen bn3 into that pass (``fused_norm_residual``).
 
     Args:
         in_channels (int): Channels C of the input.
@@ -91,6 +92,26 @@ class SpatialGroupEnhance(BaseModule):
                        restore: Restore | None = None) -> torch.Tensor:
         """``identity + self(x)`` for a backbone that gives ``x`` up (see ``blocks._common``)."""
         return _spatial_group_enhance(self, x, identity, restore)
+
+    def folds_norm(self, src: torch.Tensor, identity: torch.Tensor) -> bool:
+        """Whether :meth:`fused_norm_residual` takes these tensors: without autograd, through
+        the CPU kernel (with autograd the BN runs, and backward recomputes its output from src,
+        see ``fused_residual``)."""
+        return not torch.is_grad_enabled() and kernels.usable(src, identity, *self.parameters())
+
+    def fused_norm_residual(self, src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                            identity: torch.Tensor) -> torch.Tensor:
+        """``identity + self(src * scale + shift)`` written over ``src``: a frozen BN before the
+        block folded in, for tensors :meth:`folds_norm` accepts. The kernel computes the BN's
+        output one slab at a time where it reads it, so the BN's own pass disappears."""
+        scale, shift = scale.contiguous(), shift.contiguous()
+        if (needs_grad(src, scale, shift, identity, self.weight, self.bias)
+                or not kernels.usable(src, identity, scale, shift, self.weight, self.bias)):
+            x = src * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+            return _spatial_group_enhance(self, x, identity, None)
+        torch.ops.mmattn.sge_forward(src, self.weight, self.bias, identity, src, self.groups,
+                                     self.eps, scale, shift)
+        return src
 
 
 def _spatial_group_enhance(block: SpatialGroupEnhance, x: torch.Tensor,

@@ -47,16 +47,16 @@ std::tuple<at::Tensor, at::Tensor> cbam_spatial_pools(const at::Tensor& x,
         // at a time update them, so the buffers are read and written once per four channels.
         for_each_vec<T>(size, [&](int64_t p, int64_t k) {
           const auto v = in.load(offset + p, 0, k) * Vec<T>(gate[0]);
-          v.store(top.data() + p, k);
-          v.store(total.data() + p, k);
-          Vec<T>(T(0)).store(where + p, k);
+          store_n(v, top.data() + p, k);
+          store_n(v, total.data() + p, k);
+          store_n(Vec<T>(T(0)), where + p, k);
         });
         for (int64_t c0 = 1; c0 < channels; c0 += 4) {
           const int64_t step = std::min<int64_t>(4, channels - c0);
           for_each_vec<T>(size, [&](int64_t p, int64_t k) {
-            auto best = Vec<T>::loadu(top.data() + p, k);
-            auto best_c = Vec<T>::loadu(where + p, k);
-            auto sum = Vec<T>::loadu(total.data() + p, k);
+            auto best = load_n(top.data() + p, k);
+            auto best_c = load_n(where + p, k);
+            auto sum = load_n(total.data() + p, k);
             for (int64_t c = c0; c < c0 + step; ++c) {
               const auto v = in.load(offset + c * hw + p, c, k) * Vec<T>(gate[c]);
               const auto higher = v > best;  // strict: ties keep the first channel
@@ -64,17 +64,17 @@ std::tuple<at::Tensor, at::Tensor> cbam_spatial_pools(const at::Tensor& x,
               best_c = Vec<T>::blendv(best_c, Vec<T>(static_cast<T>(c)), higher);
               sum = sum + v;
             }
-            best.store(top.data() + p, k);
-            best_c.store(where + p, k);
-            sum.store(total.data() + p, k);
+            store_n(best, top.data() + p, k);
+            store_n(best_c, where + p, k);
+            store_n(sum, total.data() + p, k);
           });
         }
         T* max_out = out + n * 2 * hw + start;
         T* mean_out = max_out + hw;
         const Vec<T> channels_v(static_cast<T>(channels));
         for_each_vec<T>(size, [&](int64_t p, int64_t k) {
-          Vec<T>::loadu(top.data() + p, k).store(max_out + p, k);
-          (Vec<T>::loadu(total.data() + p, k) / channels_v).store(mean_out + p, k);
+          store_n(load_n(top.data() + p, k), max_out + p, k);
+          store_n(load_n(total.data() + p, k) / channels_v, mean_out + p, k);
         });
       }
     });
@@ -107,9 +107,9 @@ void cbam_apply(const at::Tensor& x, const std::optional<at::Tensor>& scale,
         T* o = outs + row * hw;
         const T* id = ids != nullptr ? ids + row * hw : nullptr;
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
-          auto v = in.load(row * hw + p, c, n) * g * Vec<T>::loadu(sp + p, n);
-          if (id != nullptr) v = v + Vec<T>::loadu(id + p, n);
-          v.store(o + p, n);
+          auto v = in.load(row * hw + p, c, n) * g * load_n(sp + p, n);
+          if (id != nullptr) v = v + load_n(id + p, n);
+          store_n(v, o + p, n);
         });
       }
     });
@@ -150,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor> cbam_gate_grads(const at::Tensor& grad, const
           const Vec<T> g(gate_all[n * channels + c]);
           Vec<T> to_channel(T(0));
           for_each_vec<T>(size, [&](int64_t p, int64_t k) {
-            const auto t = Vec<T>::loadu(gc + p, k) * in.load(offset + c * hw + p, c, k);
-            to_channel = to_channel + first_lanes(t * Vec<T>::loadu(sp + p, k), k);
-            at::vec::fmadd(t, g, Vec<T>::loadu(dsp + p, k)).store(dsp + p, k);
+            const auto t = load_n(gc + p, k) * in.load(offset + c * hw + p, c, k);
+            to_channel = to_channel + first_lanes(t * load_n(sp + p, k), k);
+            store_n(at::vec::fmadd(t, g, load_n(dsp + p, k)), dsp + p, k);
           });
           part[task * channels + c] = lanes_sum(to_channel, Vec<T>::size());
         }
@@ -189,12 +189,12 @@ at::Tensor cbam_pool_channel_grad(const at::Tensor& x, const std::optional<at::T
         const T* where = where_all + n * hw + start;
         const Vec<T> channels_v(static_cast<T>(channels));
         for_each_vec<T>(size, [&](int64_t p, int64_t k) {
-          (Vec<T>::loadu(grad_mean + p, k) / channels_v).store(per_mean.data() + p, k);
+          store_n(load_n(grad_mean + p, k) / channels_v, per_mean.data() + p, k);
         });
         T* out = part + task * channels;
         for (int64_t c = 0; c < channels; ++c) {
           out[c] = accumulate<T>(size, [&](int64_t p, int64_t k) {
-            return in.load(offset + c * hw + p, c, k) * Vec<T>::loadu(per_mean.data() + p, k);
+            return in.load(offset + c * hw + p, c, k) * load_n(per_mean.data() + p, k);
           });
         }
         for (int64_t p = 0; p < size; ++p) {
@@ -256,18 +256,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_input_grad(
         for_each_vec<T>(hw, [&](int64_t p, int64_t k) {
           // The gradient reaching x * channel: the output's, the mean pool's, and the max
           // pool's where this channel is the position's max.
-          const auto at_max = Vec<T>::loadu(where + p, k) == c_v;
-          const auto from_max = Vec<T>::blendv(Vec<T>(T(0)), Vec<T>::loadu(pool_max + p, k),
+          const auto at_max = load_n(where + p, k) == c_v;
+          const auto from_max = Vec<T>::blendv(Vec<T>(T(0)), load_n(pool_max + p, k),
                                                at_max);
-          const auto inner = at::vec::fmadd(Vec<T>::loadu(gr + p, k), Vec<T>::loadu(sp + p, k),
-                                            at::vec::fmadd(Vec<T>::loadu(pool_mean + p, k),
+          const auto inner = at::vec::fmadd(load_n(gr + p, k), load_n(sp + p, k),
+                                            at::vec::fmadd(load_n(pool_mean + p, k),
                                                            inv_c, from_max));
           const auto dx = at::vec::fmadd(inner, g, spread);
           if (folded) {
-            sum_src = sum_src + first_lanes(dx * Vec<T>::loadu(sr + p, k), k);
+            sum_src = sum_src + first_lanes(dx * load_n(sr + p, k), k);
             sum_one = sum_one + first_lanes(dx, k);
           }
-          (dx * to_src).store(out + p, k);
+          store_n(dx * to_src, out + p, k);
         });
         // The channel max pool's gradient, at the channel's max position.
         const int64_t at = max_index[row];
@@ -417,7 +417,7 @@ at::Tensor cbam_spatial_gate(const at::Tensor& pooled, const at::Tensor& weight,
                  weight.size(3), g);
     const Vec<T> av(norm.a), bv(norm.b);
     for_each_vec<T>(gate.numel(), [&](int64_t p, int64_t n) {
-      sigmoid(at::vec::fmadd(Vec<T>::loadu(g + p, n), av, bv)).store(g + p, n);
+      store_n(sigmoid(at::vec::fmadd(load_n(g + p, n), av, bv)), g + p, n);
     });
   });
   return gate;

@@ -35,14 +35,13 @@ void channel_affine_residual(const at::Tensor& src, const at::Tensor& a, const a
         T* o = outs + row * hw;
         if (ids == nullptr) {
           for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
-            at::vec::fmadd(Vec<T>::loadu(x + p, n), av, bv).store(o + p, n);
+            store_n(at::vec::fmadd(load_n(x + p, n), av, bv), o + p, n);
           });
           continue;
         }
         const T* id = ids + row * hw;
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
-          (at::vec::fmadd(Vec<T>::loadu(x + p, n), av, bv) + Vec<T>::loadu(id + p, n))
-              .store(o + p, n);
+          store_n(at::vec::fmadd(load_n(x + p, n), av, bv) + load_n(id + p, n), o + p, n);
         });
       }
     });
@@ -450,8 +449,7 @@ at::Tensor channel_affine_relu(const at::Tensor& src, const at::Tensor& scale,
         if (stride == 1) {
           const Vec<T> sv(s[c]), tv(t[c]), zero(T(0));
           for_each_vec<T>(height * width, [&](int64_t p, int64_t n) {
-            at::vec::clamp_min(at::vec::fmadd(Vec<T>::loadu(x + p, n), sv, tv), zero)
-                .store(o + p, n);
+            store_n(at::vec::clamp_min(at::vec::fmadd(load_n(x + p, n), sv, tv), zero), o + p, n);
           });
           continue;
         }

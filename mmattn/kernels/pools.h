@@ -18,11 +18,21 @@ struct Input {
         const std::optional<at::Tensor>& shift_t)
       : data(x.const_data_ptr<T>()),
         scale(scale_t.has_value() ? scale_t->const_data_ptr<T>() : nullptr),
-        shift(shift_t.has_value() ? shift_t->const_data_ptr<T>() : nullptr) {}
+        shift(shift_t.has_value() ? shift_t->const_data_ptr<T>() : nullptr) {
+    // As check_nchw: the Python side passes contiguous (C, ) factors of x's dtype, or neither.
+    TORCH_CHECK(scale_t.has_value() == shift_t.has_value(),
+                "a folded BN takes both scale and shift, or neither");
+    for (const auto* factor : {&scale_t, &shift_t}) {
+      TORCH_CHECK(!factor->has_value() ||
+                      ((*factor)->is_contiguous() && (*factor)->numel() == x.size(1) &&
+                       (*factor)->scalar_type() == x.scalar_type() && (*factor)->device().is_cpu()),
+                  "a folded BN's scale and shift are contiguous (C, ) CPU tensors of x's dtype");
+    }
+  }
 
   // x at data[offset + p .. + n) of channel c.
   Vec<T> load(int64_t offset, int64_t c, int64_t n) const {
-    const auto v = Vec<T>::loadu(data + offset, n);
+    const auto v = load_n(data + offset, n);
     return scale == nullptr ? v : at::vec::fmadd(v, Vec<T>(scale[c]), Vec<T>(shift[c]));
   }
 };

@@ -226,13 +226,29 @@ def bn_then(block: torch.nn.Module, channels: int) -> tuple[torch.nn.BatchNorm2d
     return bn
 
 
-@pytest.mark.parametrize('name', ['se', 'eca', 'cbam', 'cgd', 'cgd_plain'])
+def test_sge_inference_folds_a_frozen_bn3_into_its_kernel(kernel_path):
+    from mmattn.backbones import AttnResNet
+    model = AttnResNet(50, base_channels=16, num_stages=1, strides=(1, ), dilations=(1, ),
+                       out_indices=(0, ), norm_eval=True,
+                       plugins=[dict(cfg=dict(type='SpatialGroupEnhance', groups=8),
+                                     position='after_conv3')]).eval()
+    with torch.no_grad(), profile() as prof:
+        model(torch.randn(1, 3, 32, 32))
+    names = [event.name for event in prof.events()]
+    folded = 3 if kernel_path == 'kernels' else 0
+    assert names.count('mmattn::sge_forward') == folded
+    # stem + 3 per block + the downsample, less the bn3 folded into the kernel
+    assert names.count('aten::batch_norm') == 1 + 3 * 3 + 1 - folded
+
+
+@pytest.mark.parametrize('name', ['se', 'eca', 'sge', 'cbam', 'cgd', 'cgd_plain'])
 def test_inference_kernels_equal_the_bn_and_the_block(name):
     # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector;
-    # 64 channels: hidden widths of 4 (SE, CBAM) and ECA's kernel of 3.
+    # 64 channels: hidden widths of 4 (SE, CBAM), ECA's kernel of 3 and SGE groups of 8.
     from mmattn.backbones.res_blocks import frozen_affine
     from mmattn.blocks import CompactGlobalDescriptor, EfficientChannelAttention, SqueezeExcitation
     make = {'se': SqueezeExcitation, 'eca': EfficientChannelAttention,
+            'sge': partial(SpatialGroupEnhance, groups=8),
             'cbam': ConvolutionalBlockAttention, 'cgd': CompactGlobalDescriptor,
             'cgd_plain': partial(CompactGlobalDescriptor, mode='plain')}[name]
     block = make(64).double().eval()
@@ -252,7 +268,8 @@ def test_inference_kernels_equal_the_bn_and_the_block(name):
             expected = block(bn(src)) + identity
             assert block.folds_norm(src, identity)
             names = op_names(lambda: block.fused_norm_residual(src, scale, shift, identity))
-    op = 'mmattn::' + name.removesuffix('_plain') + '_inference'
+    op = 'mmattn::sge_forward' if name == 'sge' else (
+        'mmattn::' + name.removesuffix('_plain') + '_inference')
     assert {n for n in names if n.startswith('mmattn::')} == {op}
     torch.testing.assert_close(src, expected, rtol=1e-12, atol=1e-12)  # written over src
 
@@ -341,3 +358,40 @@ def test_gate_kernels_equal_autograd_through_the_modules(name, monkeypatch):
     got = [g for g, w in zip(grads[2:], weights, strict=True) if w is not None]
     for g, want, w in zip(got, expected_grads[2:], present, strict=True):
         torch.testing.assert_close(g.view_as(w), want, rtol=1e-10, atol=1e-12)
+
+
+def test_sge_fused_norm_residual_with_autograd_equals_the_bn_then_the_block():
+    # The backbone folds bn3 into SGE only without autograd (folds_norm); called with autograd,
+    # the method still computes identity + SGE(BN(src)) and its gradients.
+    block = sge_block().double()
+    src = torch.randn(2, 16, 9, 11, dtype=torch.float64)
+    identity = torch.randn_like(src)
+    upstream = torch.randn_like(src)
+    scale = torch.empty(16, dtype=torch.float64).uniform_(-1.5, 1.5)
+    shift = torch.randn(16, dtype=torch.float64)
+    assert not block.folds_norm(src, identity)  # grad is enabled
+    results = []
+    for folded in (True, False):
+        block.zero_grad()
+        inputs = [t.clone().requires_grad_() for t in (src, scale, shift)]
+        s, a, b = inputs
+        if folded:
+            out = block.fused_norm_residual(s * 1, a, b, identity)
+        else:
+            out = block(s * a[:, None, None] + b[:, None, None]) + identity
+        (out * upstream).sum().backward()
+        results.append([out.detach(), *(t.grad for t in inputs),
+                        *(p.grad for p in block.parameters())])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_folded_bn_needs_both_factors():
+    assert kernels.enabled()
+    x = torch.randn(2, 16, 3, 5)
+    block = sge_block()
+    with pytest.raises(RuntimeError, match='both scale and shift'):
+        torch.ops.mmattn.sge_forward(x, block.weight.detach(), block.bias.detach(), None,
+                                     torch.empty_like(x), 4, 1e-5, torch.ones(16), None)
+    with pytest.raises(RuntimeError, match=r'contiguous \(C, \) CPU tensors'):
+        torch.ops.mmattn.sge_forward(x, block.weight.detach(), block.bias.detach(), None,
+                                     torch.empty_like(x), 4, 1e-5, torch.ones(8), torch.ones(8))
