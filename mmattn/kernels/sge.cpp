@@ -109,8 +109,8 @@ void gate_slab(const T* x, const T* gate, const T* add, T* out, int64_t size, in
     auto v = load_n(x + i, n) * load_n(gate + p, n);
     if (add != nullptr) v = v + load_n(add + i, n);
     store_n(v, out + i, n);
-    for (p += width; p >= hw; p -= hw) {
-    }
+    p += width;
+    while (p >= hw) p -= hw;
   }
 }
 

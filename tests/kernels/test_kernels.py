@@ -160,27 +160,36 @@ def test_fake_tensors_take_the_eager_path(name):
     assert out.shape == (2, 16, 5, 7)
 
 
-def test_cbam_with_a_frozen_bn_folded_equals_the_bn_then_the_block():
-    # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector.
-    block = cbam_block().double()
-    src = torch.randn(2, 16, 33, 35, dtype=torch.float64)
+def folded_and_unfolded(block: torch.nn.Module, src: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Outputs and gradients (src, scale, shift, the block's parameters) of
+    ``block.fused_norm_residual`` and of the BN's affine map then the block, with a random
+    identity, upstream gradient and (C, ) scale (some negative) and shift."""
+    channels = src.shape[1]
     identity = torch.randn_like(src)
     upstream = torch.randn_like(src)
-    scale = torch.empty(16, dtype=torch.float64).uniform_(-1.5, 1.5)  # some negative
-    shift = torch.randn(16, dtype=torch.float64)
+    scale = torch.empty(channels, dtype=src.dtype).uniform_(-1.5, 1.5)
+    shift = torch.randn(channels, dtype=src.dtype)
     results = []
     for folded in (True, False):
         block.zero_grad()
         inputs = [t.clone().requires_grad_() for t in (src, scale, shift)]
         s, a, b = inputs
         if folded:
-            assert block.folds_norm(s, identity)
-            out = block.fused_norm_residual(s, a, b, identity)
+            out = block.fused_norm_residual(s * 1, a, b, identity)
         else:
             out = block(s * a[:, None, None] + b[:, None, None]) + identity
         (out * upstream).sum().backward()
         results.append([out.detach(), *(t.grad for t in inputs),
                         *(p.grad for p in block.parameters())])
+    return results
+
+
+def test_cbam_with_a_frozen_bn_folded_equals_the_bn_then_the_block():
+    # 33 x 35 positions: more than one of cbam.cpp's blocks of 1024, and a partial vector.
+    block = cbam_block().double()
+    src = torch.randn(2, 16, 33, 35, dtype=torch.float64)
+    assert block.folds_norm(src, torch.randn_like(src))
+    results = folded_and_unfolded(block, src)
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
@@ -365,23 +374,8 @@ def test_sge_fused_norm_residual_with_autograd_equals_the_bn_then_the_block():
     # the method still computes identity + SGE(BN(src)) and its gradients.
     block = sge_block().double()
     src = torch.randn(2, 16, 9, 11, dtype=torch.float64)
-    identity = torch.randn_like(src)
-    upstream = torch.randn_like(src)
-    scale = torch.empty(16, dtype=torch.float64).uniform_(-1.5, 1.5)
-    shift = torch.randn(16, dtype=torch.float64)
-    assert not block.folds_norm(src, identity)  # grad is enabled
-    results = []
-    for folded in (True, False):
-        block.zero_grad()
-        inputs = [t.clone().requires_grad_() for t in (src, scale, shift)]
-        s, a, b = inputs
-        if folded:
-            out = block.fused_norm_residual(s * 1, a, b, identity)
-        else:
-            out = block(s * a[:, None, None] + b[:, None, None]) + identity
-        (out * upstream).sum().backward()
-        results.append([out.detach(), *(t.grad for t in inputs),
-                        *(p.grad for p in block.parameters())])
+    assert not block.folds_norm(src, torch.randn_like(src))  # grad is enabled
+    results = folded_and_unfolded(block, src)
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
