@@ -12,14 +12,25 @@ Two numbers, both deterministic for a given model and input:
   (``torch.profiler`` with ``profile_memory=True``); it adds the temporaries of each op and the
   gradients to ``saved_bytes``. Parameters, buffers and the input, allocated before the step,
   are not counted (nor are gradients left from an earlier step: clear them first).
+  The profiler's own messages on stderr (kineto's stage markers, its GPU probe failing on a
+  CUDA build of torch without a GPU, c10's note on blocks allocated before the session) are
+  dropped; anything else written to stderr meanwhile is passed on.
 """
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# Substrings of the lines a CPU profiler session writes to the process's stderr, none of them
+# about the measurement. (A block allocated before the session and freed during it is accounted
+# for in peak_bytes, which starts from the first event's running total.)
+PROFILER_CHATTER = ('SyncActivityProfilerHandler.cpp', 'gpuGetDeviceCount failed',
+                    'allocated before the profiling started')
 
 
 def saved_bytes(step: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -56,16 +67,17 @@ def peak_bytes(step: Callable[[], torch.Tensor], device: torch.device) -> int:
         step().backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step().backward()
-    fd, path = tempfile.mkstemp(suffix='.json')
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)['traceEvents']
-    finally:
-        os.remove(path)
+    with _without_profiler_chatter():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step().backward()
+        fd, path = tempfile.mkstemp(suffix='.json')
+        os.close(fd)
+        try:
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)['traceEvents']
+        finally:
+            os.remove(path)
     # 'Total Allocated' is the profiler's running total, which carries over from earlier
     # sessions; measure from its value before this session's first allocation.
     events = [event['args'] for event in events if event.get('name') == '[memory]'
@@ -74,3 +86,24 @@ def peak_bytes(step: Callable[[], torch.Tensor], device: torch.device) -> int:
         return 0
     start = events[0]['Total Allocated'] - events[0]['Bytes']
     return max(event['Total Allocated'] for event in events) - start
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Hold file descriptor 2 in a temporary file meanwhile; then write back all but the
+    profiler's chatter, in order."""
+    sys.stderr.flush()
+    stderr = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(stderr, 2)
+            os.close(stderr)
+            held.seek(0)
+            lines = held.read().decode(errors='replace').splitlines(keepends=True)
+            sys.stderr.write(''.join(line for line in lines
+                                     if not any(part in line for part in PROFILER_CHATTER)))
+            sys.stderr.flush()

@@ -1,4 +1,7 @@
 """Timing statistics and the memory meters of the benchmark."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -46,6 +49,21 @@ def test_peak_bytes_sees_the_largest_live_set():
         return (a * b).sum()
     # a, b (kept for backward) and a * b live at once: 3 x 4000 bytes at least.
     assert peak_bytes(step, torch.device('cpu')) >= 12000
+
+
+def test_peak_bytes_drops_the_profilers_chatter_and_passes_on_other_stderr(capfd):
+    before = torch.randn(1000)
+
+    def step():
+        nonlocal before
+        del before   # freed inside the session: c10 warns of a block it did not see allocated
+        os.write(2, b'[W] CPUAllocator.cpp: allocated before the profiling started\n')
+        os.write(2, b'a message of the step\n')
+        return (torch.randn(10, requires_grad=True) * 2).sum()
+    print('before the step', file=sys.stderr)
+    peak_bytes(step, torch.device('cpu'))
+    err = capfd.readouterr().err
+    assert err.splitlines() == ['before the step', 'a message of the step']
 
 
 def _kept(plugins, x, fused=True):
