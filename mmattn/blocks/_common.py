@@ -186,15 +186,6 @@ def grouped(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Sum over H x W of ``a * b``, (N, C, H, W) -> (N, C, 1, 1).
-
-    A product and a sum: on the CPU that beats a batched matrix product of N * C dot products
-    several times over for large maps.
-    """
-    return (a * b).sum(dim=(2, 3), keepdim=True)
-
-
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, identity: torch.Tensor,
                    restore: Restore | None = None) -> torch.Tensor:
     """``identity + x * gate`` written over ``x`` in one pass, for a backbone that gives ``x`` up.

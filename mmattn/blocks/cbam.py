@@ -13,8 +13,8 @@ from torch.autograd.function import once_differentiable
 from .. import kernels
 from ._common import (
     Restore,
-    channel_dot,
     fp32_region,
+    grad_sums,
     multiply_add_,
     needs_grad,
     reduced_channels,
@@ -251,7 +251,8 @@ class _ChannelProductPool(torch.autograd.Function):
             # max's (at each position's argmax channel).
             total = torch.add(grad_product, grad_pooled[:, 1:] / x.shape[1]).to(dtype)
             total.scatter_add_(1, index, grad_pooled[:, :1].to(dtype))
-        grad_channel = channel_dot(total, x).to(channel.dtype)
+        grad_channel = grad_sums(total, x, with_grad_sum=False)[0].view_as(channel)
+        grad_channel = grad_channel.to(channel.dtype)
         grad_x = total.mul_(channel).to(x.dtype)
         return grad_x, grad_channel, None, None, None
 
