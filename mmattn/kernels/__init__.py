@@ -32,6 +32,13 @@ _CAPABILITY_FLAGS = {
 }
 
 
+def compiler_flags(capability: str) -> list[str]:
+    """The C++ flags the kernels are built with for a CPU capability as
+    ``torch.backends.cpu.get_cpu_capability()`` names it (other names, such as ``DEFAULT``:
+    no SIMD flags, ATen's generic Vectorized)."""
+    return ['-O3', '-fopenmp', '-ffp-contract=off', *_CAPABILITY_FLAGS.get(capability, [])]
+
+
 def enabled() -> bool:
     """Whether the kernels are switched on (``MMATTN_KERNELS`` unset or not ``0``) and built."""
     return os.environ.get('MMATTN_KERNELS', '1') != '0' and _build()
@@ -64,8 +71,7 @@ def _build() -> bool:
              sources=[str(source) for source in SOURCES],
              # -fopenmp: at::parallel_for is OpenMP inlined from torch's headers; the library
              # links the libgomp torch has already loaded.
-             extra_cflags=['-O3', '-fopenmp', '-ffp-contract=off',
-                           *_CAPABILITY_FLAGS.get(capability, [])],
+             extra_cflags=compiler_flags(capability),
              extra_ldflags=['-fopenmp'],
              extra_include_paths=[str(Path(__file__).parent)],
              is_python_module=False)
