@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# Substrings of the lines a CPU profiler session writes to the process's stderr, none of them
-# about the measurement. (A block allocated before the session and freed during it is accounted
-# for in peak_bytes, which starts from the first event's running total.)
+# Substrings of the lines a CPU profiler session writes to the process's stderr: kineto's stage
+# markers, its GPU probe on a CUDA build of torch without a GPU, and c10's note that a block
+# allocated before the session was freed during it (a free the events leave out, as they leave
+# out that block's allocation).
 PROFILER_CHATTER = ('SyncActivityProfilerHandler.cpp', 'gpuGetDeviceCount failed',
                     'allocated before the profiling started')
 
