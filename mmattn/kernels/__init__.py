@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-SOURCES = tuple(sorted(Path(__file__).parent.glob('*.cpp')))
+SOURCE_DIR = Path(__file__).parent  # the .cpp files and the headers they include
+SOURCES = tuple(sorted(SOURCE_DIR.glob('*.cpp')))
 DTYPES = (torch.float32, torch.float64)
 
 # What torch.backends.cpu.get_cpu_capability() reports -> the defines and flags that make ATen's
@@ -73,7 +74,7 @@ def _build() -> bool:
              # links the libgomp torch has already loaded.
              extra_cflags=compiler_flags(capability),
              extra_ldflags=['-fopenmp'],
-             extra_include_paths=[str(Path(__file__).parent)],
+             extra_include_paths=[str(SOURCE_DIR)],
              is_python_module=False)
     except Exception as error:  # a missing compiler or ninja: the eager path still works
         reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0]}'

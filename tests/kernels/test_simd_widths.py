@@ -33,8 +33,7 @@ def test_each_width_that_torch_names_has_flags_or_is_the_generic_build():
 @pytest.mark.parametrize('width', [w for w in WIDTHS
                                    if w != torch.backends.cpu.get_cpu_capability()])
 def test_the_sources_compile_for_another_simd_width(width):
-    includes = [*include_paths(), sysconfig.get_paths()['include'],
-                str(kernels.SOURCES[0].parent)]
+    includes = [*include_paths(), sysconfig.get_paths()['include'], str(kernels.SOURCE_DIR)]
     command = [COMPILER, '-std=c++20', '-fsyntax-only', '-w', *kernels.compiler_flags(width),
                *(f'-I{path}' for path in includes)]
     jobs = {source.name: subprocess.Popen([*command, str(source)], stdout=subprocess.PIPE,
