@@ -66,6 +66,13 @@ class PooledGateMixin:
         ``gate_from_pools`` is recorded and differentiated with autograd."""
         return None
 
+    def training_kernels(self) -> tuple[str, str, tuple[torch.Tensor, ...]] | None:
+        """The CPU kernel ops of ``identity + self(src * scale + shift)`` with autograd and of
+        its backward, and the weights (every parameter) they take after the tensors (see
+        ``mmattn::se_norm_residual``); None (the default) where there are none for this
+        block's configuration."""
+        return None
+
     def pre_norm_inference_kernel(self) -> tuple[str, tuple[torch.Tensor | None, ...]] | None:
         """As :meth:`inference_kernel`, for ``self(x) * scale + shift`` (the block before a
         frozen BN, :func:`gate_norm`); the op takes ``x, scale, shift, out`` and the weights."""
@@ -262,7 +269,43 @@ def norm_gate_residual(block: nn.Module, src: torch.Tensor, scale: torch.Tensor,
         name, weights = kernel
         getattr(torch.ops.mmattn, name)(src, scale, shift, identity, src, *weights)
         return src
+    kernel = block.training_kernels() if torch.is_grad_enabled() else None
+    if (kernel is not None and _covers_trained(block, kernel[2])
+            and kernels.usable(src, scale, shift, identity, *kernel[2])
+            and needs_grad(src, scale, shift, identity, *kernel[2])):
+        return _KernelNormGate.apply(*kernel[:2], src, scale, shift, identity, *kernel[2])
     return _folded(block, True, src, scale, shift, identity)
+
+
+def _covers_trained(block: nn.Module, weights: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether ``weights`` include every parameter of the block that is trained."""
+    covered = {id(w) for w in weights if w is not None}
+    return all(id(p) in covered for p in block.parameters() if p.requires_grad)
+
+
+class _KernelNormGate(torch.autograd.Function):
+    """:func:`norm_gate_residual` with autograd as the block's two ``training_kernels`` ops:
+    forward keeps ``src`` (as the BN would) and the (N, C) means of src and gate, and backward
+    is one call that returns every gradient (the identity's is the output's)."""
+
+    @staticmethod
+    def forward(ctx, forward_op: str, backward_op: str, src: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor, identity: torch.Tensor,
+                *weights: torch.Tensor) -> torch.Tensor:
+        out, src_means, gate = getattr(torch.ops.mmattn, forward_op)(src, scale, shift,
+                                                                     identity, *weights)
+        ctx.backward_op = backward_op
+        ctx.save_for_backward(src, src_means, gate, scale, shift, *weights)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        # grad_src, grad_scale, grad_shift, then the weights'
+        grads = getattr(torch.ops.mmattn, ctx.backward_op)(grad.contiguous(), *ctx.saved_tensors)
+        grads.insert(3, grad)  # the identity's
+        return None, None, *(g if needed else None
+                             for g, needed in zip(grads, ctx.needs_input_grad[2:], strict=True))
 
 
 def gate_norm(block: nn.Module, x: torch.Tensor, scale: torch.Tensor,
@@ -322,7 +365,7 @@ class _FoldedNorm(torch.autograd.Function):
         with fp32_region(src):
             leaves, index = _pool_leaves(block, src)
             affine = [t.detach().to(leaves[0].dtype).requires_grad_() for t in (scale, shift)]
-            ctx.kernel = _gate_kernels(block, leaves, params)
+            ctx.kernel = _gate_kernels(block, leaves)
             if ctx.kernel is not None:  # the gate and its backward as one op each, no graph
                 pools = [leaf.detach() for leaf in leaves] + [None] * (2 - len(leaves))
                 if norm_first:  # the pools of x = src * scale + shift
@@ -381,17 +424,12 @@ class _FoldedNorm(torch.autograd.Function):
         return (None, None, grad_src, grad_scale, grad_shift, grad_identity, *grad_params)
 
 
-def _gate_kernels(block: nn.Module, pools: list[torch.Tensor],
-                  params: tuple[torch.Tensor, ...]) -> tuple[str, str, tuple] | None:
+def _gate_kernels(block: nn.Module, pools: list[torch.Tensor]) -> tuple[str, str, tuple] | None:
     """The block's ``gate_kernels()`` where the CPU kernels take the pools and weights, and
     the weights cover every parameter that is trained; else None (the gate's graph is recorded
     and differentiated with autograd)."""
     spec = block.gate_kernels()
-    if spec is None:
-        return None
-    weights = spec[2]
-    covered = {id(w) for w in weights if w is not None}
-    if not all(id(p) in covered for p in params) or not kernels.usable(*pools, *weights):
+    if spec is None or not _covers_trained(block, spec[2]) or not kernels.usable(*pools, *spec[2]):
         return None
     return spec
 

@@ -97,3 +97,7 @@ class EfficientChannelAttention(MeanGateMixin, BaseModule):
     def gate_kernels(self) -> tuple[str, str, tuple[torch.Tensor, ...]]:
         """``mmattn::eca_gate`` and its backward (see ``PooledGateMixin``)."""
         return 'eca_gate', 'eca_gate_backward', (self.conv.weight, )
+
+    def training_kernels(self) -> tuple[str, str, tuple[torch.Tensor, ...]]:
+        """``mmattn::eca_norm_residual`` and its backward (see ``MeanGateMixin``)."""
+        return 'eca_norm_residual', 'eca_norm_residual_backward', (self.conv.weight, )

@@ -81,6 +81,13 @@ class SqueezeExcitation(MeanGateMixin, BaseModule):
         weights = self._kernel_weights()
         return None if weights is None else ('se_gate', 'se_gate_backward', weights)
 
+    def training_kernels(self) -> tuple[str, str, tuple[torch.Tensor, ...]] | None:
+        """``mmattn::se_norm_residual`` and its backward, for the default ReLU and sigmoid (see
+        ``MeanGateMixin``)."""
+        weights = self._kernel_weights()
+        return None if weights is None else ('se_norm_residual', 'se_norm_residual_backward',
+                                             weights)
+
     def _kernel_weights(self) -> tuple[torch.Tensor, ...] | None:
         """The MLP's weights and biases, where the kernels have this SE's activations."""
         squeeze, act, excite = self.fc

@@ -48,6 +48,30 @@ void channel_affine_residual(const at::Tensor& src, const at::Tensor& a, const a
   });
 }
 
+// (sum over H x W of grad * x, sum over H x W of grad), each (N, C), in one pass.
+std::tuple<at::Tensor, at::Tensor> channel_grad_sums(const at::Tensor& grad, const at::Tensor& x) {
+  check_nchw("channel_grad_sums", {grad, x});
+  const int64_t rows = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
+  auto by_x = at::empty({x.size(0), x.size(1)}, x.options());
+  auto by_one = at::empty_like(by_x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_grad_sums", [&] {
+    using T = scalar_t;
+    const T* gs = grad.const_data_ptr<T>();
+    const T* xs = x.const_data_ptr<T>();
+    T* by_xs = by_x.data_ptr<T>();
+    T* by_ones = by_one.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const T* g = gs + row * hw;
+        const T* v = xs + row * hw;
+        by_xs[row] = dot_product(g, v, hw);
+        by_ones[row] = sum(g, hw);  // grad's row is still in L1/L2 from the dot product
+      }
+    });
+  });
+  return {by_x, by_one};
+}
+
 // The gate ops take (N, C) contiguous means and the weights of the block's modules.
 void check_mlp(const char* op, const at::Tensor& mean, const at::Tensor& w1,
                const at::Tensor& w2) {
@@ -66,52 +90,144 @@ void check_eca(const char* op, const at::Tensor& mean, const at::Tensor& weight)
               mean.sizes(), " and ", weight.sizes());
 }
 
+// A frozen BN's (C, ) scale and shift, for src (N, C, H, W) of their dtype.
+void check_affine(const char* op, const at::Tensor& src, const at::Tensor& scale,
+                  const at::Tensor& shift) {
+  for (const auto* factor : {&scale, &shift}) {
+    TORCH_CHECK(factor->dim() == 1 && factor->numel() == src.size(1) &&
+                    factor->is_contiguous() && factor->scalar_type() == src.scalar_type() &&
+                    factor->device().is_cpu(),
+                op, ": a frozen BN's scale and shift are contiguous (C, ) = (", src.size(1),
+                ", ) CPU tensors of src's dtype, got ", factor->sizes(), " ",
+                factor->scalar_type());
+  }
+}
+
 // identity + g * x for x = src * scale + shift, with g (N, C) = gate(the spatial means of x): a
 // pass for the means, the gate (gate(means, g) fills g), and channel_affine_residual's pass.
+// Returns the spatial means of src and g, each (N, C): what backward needs besides src.
 template <typename Gate>
-void folded_gate_residual(const char* op, const at::Tensor& src, const at::Tensor& scale,
-                          const at::Tensor& shift, const at::Tensor& identity, at::Tensor& out,
-                          const Gate& gate) {
+std::tuple<at::Tensor, at::Tensor> folded_gate_residual(
+    const char* op, const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& identity, at::Tensor& out, const Gate& gate) {
   check_nchw(op, {src, identity, out});
+  check_affine(op, src, scale, shift);
   const int64_t channels = src.size(1), rows = src.size(0) * channels;
   const int64_t hw = src.size(2) * src.size(3);
-  auto means = at::empty({src.size(0), channels}, src.options());
-  auto a = at::empty_like(means), b = at::empty_like(means);
+  auto src_means = at::empty({src.size(0), channels}, src.options());
+  auto g = at::empty_like(src_means), a = at::empty_like(g), b = at::empty_like(g);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "folded_gate_residual", [&] {
     using T = scalar_t;
     const T* xs = src.const_data_ptr<T>();
     const T* s = scale.const_data_ptr<T>();
     const T* t = shift.const_data_ptr<T>();
-    T* mean = means.data_ptr<T>();
+    T* src_mean = src_means.data_ptr<T>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t c = row % channels;
-        mean[row] = sum(xs + row * hw, hw) / static_cast<T>(hw) * s[c] + t[c];
+        src_mean[row] = sum(xs + row * hw, hw) / static_cast<T>(hw);
       }
     });
-    T* g = a.data_ptr<T>();
-    gate(mean, g);
+    std::vector<T> mean(rows);  // of x
+    for (int64_t row = 0; row < rows; ++row) {
+      mean[row] = src_mean[row] * s[row % channels] + t[row % channels];
+    }
+    T* gs = g.data_ptr<T>();
+    gate(mean.data(), gs);
+    T* as = a.data_ptr<T>();
     T* bs = b.data_ptr<T>();
     for (int64_t row = 0; row < rows; ++row) {
-      const int64_t c = row % channels;
-      bs[row] = g[row] * t[c];
-      g[row] = g[row] * s[c];  // a = g * scale, written over g
+      as[row] = gs[row] * s[row % channels];
+      bs[row] = gs[row] * t[row % channels];
     }
   });
   channel_affine_residual(src, a, b, identity, out);
+  return {src_means, g};
 }
 
-// SE with its default ReLU and sigmoid: g = sigmoid(w2 relu(w1 mean + b1) + b2).
-void se_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
-                  const at::Tensor& identity, at::Tensor& out, const at::Tensor& w1,
-                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+// Backward of folded_gate_residual with autograd (the training ops below), given the gradient
+// of its output, src, the spatial means of src and g it returned, and gate_backward(d_gate,
+// means of x), which returns [d_means of x, the gate weights' gradients...]. Returns [src's,
+// scale's, shift's gradients, then the weights']; the identity's is the output's. Two passes
+// over the feature map: the sums over H x W of grad * src and of grad, then src's gradient
+// grad * g * scale + (d mean of src) / (H * W).
+template <typename GateBackward>
+std::vector<at::Tensor> folded_gate_residual_backward(
+    const char* op, const at::Tensor& grad, const at::Tensor& src, const at::Tensor& src_means,
+    const at::Tensor& g, const at::Tensor& scale, const at::Tensor& shift,
+    const GateBackward& gate_backward) {
+  check_nchw(op, {grad, src});
+  check_affine(op, src, scale, shift);
+  TORCH_CHECK(src_means.is_contiguous() && g.is_contiguous() &&
+                  src_means.sizes() == g.sizes() && g.size(0) == src.size(0) &&
+                  g.size(1) == src.size(1),
+              op, ": the saved means and gate are (N, C) = (", src.size(0), ", ", src.size(1),
+              "), got ", src_means.sizes(), " and ", g.sizes());
+  const auto [by_src, by_one] = channel_grad_sums(grad, src);
+  const int64_t channels = src.size(1), rows = src.size(0) * channels;
+  const int64_t hw = src.size(2) * src.size(3);
+  auto means = at::empty_like(g), d_gate = at::empty_like(g);
+  auto d_scale = at::zeros_like(scale), d_shift = at::zeros_like(shift);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "folded_gate_residual_backward", [&] {
+    using T = scalar_t;
+    const T* s = scale.const_data_ptr<T>();
+    const T* t = shift.const_data_ptr<T>();
+    const T* src_mean = src_means.const_data_ptr<T>();
+    const T* gs = g.const_data_ptr<T>();
+    const T* by_x = by_src.const_data_ptr<T>();
+    const T* by_1 = by_one.const_data_ptr<T>();
+    T* mean = means.data_ptr<T>();
+    T* dg = d_gate.data_ptr<T>();
+    T* ds = d_scale.data_ptr<T>();
+    T* dt = d_shift.data_ptr<T>();
+    // out = identity + g * (src * s + t): through the product directly, and g's gradient
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t c = row % channels;
+      mean[row] = src_mean[row] * s[c] + t[c];  // as forward computed it
+      dg[row] = by_x[row] * s[c] + by_1[row] * t[c];
+      ds[c] += gs[row] * by_x[row];
+      dt[c] += gs[row] * by_1[row];
+    }
+  });
+  auto grads = gate_backward(d_gate, means);
+  auto a = at::empty_like(g), b = at::empty_like(g);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "folded_gate_residual_backward", [&] {
+    using T = scalar_t;
+    const T* s = scale.const_data_ptr<T>();
+    const T* src_mean = src_means.const_data_ptr<T>();
+    const T* gs = g.const_data_ptr<T>();
+    const T* dm = grads[0].template const_data_ptr<T>();
+    T* ds = d_scale.data_ptr<T>();
+    T* dt = d_shift.data_ptr<T>();
+    T* as = a.data_ptr<T>();
+    T* bs = b.data_ptr<T>();
+    // ... and through the means of x = mean of src * s + t
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t c = row % channels;
+      ds[c] += dm[row] * src_mean[row];
+      dt[c] += dm[row];
+      as[row] = gs[row] * s[c];
+      bs[row] = dm[row] * s[c] / static_cast<T>(hw);
+    }
+  });
+  auto d_src = at::empty_like(src);
+  channel_affine_residual(grad, a, b, std::nullopt, d_src);
+  grads[0] = d_src;
+  grads.insert(grads.begin() + 1, {d_scale, d_shift});
+  return grads;
+}
+
+// SE with its default ReLU and sigmoid, g = sigmoid(w2 relu(w1 mean + b1) + b2), after a frozen
+// BN: folded_gate_residual.
+std::tuple<at::Tensor, at::Tensor> se_norm_residual_into(
+    const char* op, const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& identity, at::Tensor& out, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2) {
   const int64_t batch = src.size(0), channels = src.size(1), hidden = w1.size(0);
   TORCH_CHECK(w1.is_contiguous() && w2.is_contiguous() && w1.size(1) == channels &&
                   w2.size(0) == channels && w2.size(1) == hidden,
-              "se_inference: weights ", w1.sizes(), " and ", w2.sizes(), " do not fit ",
-              channels, " channels");
-  folded_gate_residual("se_inference", src, scale, shift, identity, out, [&](auto* mean,
-                                                                              auto* gate) {
+              op, ": weights ", w1.sizes(), " and ", w2.sizes(), " do not fit ", channels,
+              " channels");
+  return folded_gate_residual(op, src, scale, shift, identity, out, [&](auto* mean, auto* gate) {
     using T = std::remove_pointer_t<decltype(gate)>;
     const auto logits = relu_mlp(static_cast<const T*>(mean), batch, channels,
                                  w1.const_data_ptr<T>(), b1.const_data_ptr<T>(), hidden,
@@ -120,19 +236,31 @@ void se_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tens
   });
 }
 
-// ECA: g = sigmoid(the 1-D convolution of the means along the channels, weight (1, 1, k)).
-void eca_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
-                   const at::Tensor& identity, at::Tensor& out, const at::Tensor& weight) {
+void se_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+                  const at::Tensor& identity, at::Tensor& out, const at::Tensor& w1,
+                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  se_norm_residual_into("se_inference", src, scale, shift, identity, out, w1, b1, w2, b2);
+}
+
+// ECA, g = sigmoid(the 1-D convolution of the means along the channels, weight (1, 1, k)),
+// after a frozen BN: folded_gate_residual.
+std::tuple<at::Tensor, at::Tensor> eca_norm_residual_into(
+    const char* op, const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& identity, at::Tensor& out, const at::Tensor& weight) {
   const int64_t batch = src.size(0), channels = src.size(1), k = weight.size(-1);
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == k && k % 2 == 1,
-              "eca_inference: expects a (1, 1, k) weight with odd k, got ", weight.sizes());
-  folded_gate_residual("eca_inference", src, scale, shift, identity, out, [&](auto* mean,
-                                                                               auto* gate) {
+              op, ": expects a (1, 1, k) weight with odd k, got ", weight.sizes());
+  return folded_gate_residual(op, src, scale, shift, identity, out, [&](auto* mean, auto* gate) {
     using T = std::remove_pointer_t<decltype(gate)>;
     channel_conv(static_cast<const T*>(mean), batch, channels, weight.const_data_ptr<T>(), k,
                  gate);
     for (int64_t i = 0; i < batch * channels; ++i) gate[i] = scalar_sigmoid(gate[i]);
   });
+}
+
+void eca_inference(const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
+                   const at::Tensor& identity, at::Tensor& out, const at::Tensor& weight) {
+  eca_norm_residual_into("eca_inference", src, scale, shift, identity, out, weight);
 }
 
 // SE's gate with its default ReLU and sigmoid, sigmoid(w2 relu(w1 mean + b1) + b2), (N, C).
@@ -236,6 +364,55 @@ std::vector<at::Tensor> eca_gate_backward(const at::Tensor& grad, const at::Tens
     }
   });
   return {d_mean, at::empty({0}, mean.options()), d_weight};
+}
+
+// Training, with autograd (blocks/_channel_gate.py's _KernelNormGate): identity + g * x for
+// x = src * scale + shift into a new tensor, returned with the spatial means of src and g for
+// backward, and the backward. se_norm_residual_backward returns the gradients of src, scale,
+// shift, w1, b1, w2, b2; eca_norm_residual_backward those of src, scale, shift and the weight.
+std::vector<at::Tensor> se_norm_residual(const at::Tensor& src, const at::Tensor& scale,
+                                         const at::Tensor& shift, const at::Tensor& identity,
+                                         const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2) {
+  auto out = at::empty_like(src);
+  auto [src_means, g] =
+      se_norm_residual_into("se_norm_residual", src, scale, shift, identity, out, w1, b1, w2, b2);
+  return {out, src_means, g};
+}
+
+std::vector<at::Tensor> se_norm_residual_backward(
+    const at::Tensor& grad, const at::Tensor& src, const at::Tensor& src_means,
+    const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  return folded_gate_residual_backward(
+      "se_norm_residual_backward", grad, src, src_means, gate, scale, shift,
+      [&](const at::Tensor& d_gate, const at::Tensor& means) {
+        auto grads = se_gate_backward(d_gate, means, std::nullopt, w1, b1, w2, b2);
+        grads.erase(grads.begin() + 1);  // the unused peak's
+        return grads;
+      });
+}
+
+std::vector<at::Tensor> eca_norm_residual(const at::Tensor& src, const at::Tensor& scale,
+                                          const at::Tensor& shift, const at::Tensor& identity,
+                                          const at::Tensor& weight) {
+  auto out = at::empty_like(src);
+  auto [src_means, g] =
+      eca_norm_residual_into("eca_norm_residual", src, scale, shift, identity, out, weight);
+  return {out, src_means, g};
+}
+
+std::vector<at::Tensor> eca_norm_residual_backward(
+    const at::Tensor& grad, const at::Tensor& src, const at::Tensor& src_means,
+    const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& weight) {
+  return folded_gate_residual_backward(
+      "eca_norm_residual_backward", grad, src, src_means, gate, scale, shift,
+      [&](const at::Tensor& d_gate, const at::Tensor& means) {
+        auto grads = eca_gate_backward(d_gate, means, std::nullopt, weight);
+        grads.erase(grads.begin() + 1);  // the unused peak's
+        return grads;
+      });
 }
 
 // CGD's gate (mmattn/blocks/cgd.py) for one sample, 1 + gate per channel. Cascade (w1 given):
@@ -465,30 +642,6 @@ at::Tensor channel_affine_relu(const at::Tensor& src, const at::Tensor& scale,
   return out;
 }
 
-// (sum over H x W of grad * x, sum over H x W of grad), each (N, C), in one pass.
-std::tuple<at::Tensor, at::Tensor> channel_grad_sums(const at::Tensor& grad, const at::Tensor& x) {
-  check_nchw("channel_grad_sums", {grad, x});
-  const int64_t rows = x.size(0) * x.size(1), hw = x.size(2) * x.size(3);
-  auto by_x = at::empty({x.size(0), x.size(1)}, x.options());
-  auto by_one = at::empty_like(by_x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_grad_sums", [&] {
-    using T = scalar_t;
-    const T* gs = grad.const_data_ptr<T>();
-    const T* xs = x.const_data_ptr<T>();
-    T* by_xs = by_x.data_ptr<T>();
-    T* by_ones = by_one.data_ptr<T>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const T* g = gs + row * hw;
-        const T* v = xs + row * hw;
-        by_xs[row] = dot_product(g, v, hw);
-        by_ones[row] = sum(g, hw);  // grad's row is still in L1/L2 from the dot product
-      }
-    });
-  });
-  return {by_x, by_one};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmattn, m) {
@@ -523,6 +676,18 @@ TORCH_LIBRARY_FRAGMENT(mmattn, m) {
   m.def("eca_inference(Tensor src, Tensor scale, Tensor shift, Tensor identity, "
         "Tensor(a!) out, Tensor weight) -> ()",
         &eca_inference);
+  m.def("se_norm_residual(Tensor src, Tensor scale, Tensor shift, Tensor identity, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2) -> Tensor[]",
+        &se_norm_residual);
+  m.def("se_norm_residual_backward(Tensor grad, Tensor src, Tensor src_means, Tensor gate, "
+        "Tensor scale, Tensor shift, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor[]",
+        &se_norm_residual_backward);
+  m.def("eca_norm_residual(Tensor src, Tensor scale, Tensor shift, Tensor identity, "
+        "Tensor weight) -> Tensor[]",
+        &eca_norm_residual);
+  m.def("eca_norm_residual_backward(Tensor grad, Tensor src, Tensor src_means, Tensor gate, "
+        "Tensor scale, Tensor shift, Tensor weight) -> Tensor[]",
+        &eca_norm_residual_backward);
   m.def("channel_affine_residual(Tensor src, Tensor a, Tensor b, Tensor? identity, "
         "Tensor(a!) out) -> ()",
         &channel_affine_residual);

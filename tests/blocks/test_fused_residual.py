@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mmattn import kernels
 from mmattn.backbones import AttnResNet
 from mmattn.blocks import (
     BottleneckAttention,
@@ -237,15 +238,18 @@ def backward_nodes(out: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize('block', ['se', 'eca', 'cgd'])
 def test_frozen_bn_is_folded_into_the_gate(block):
     # 7 blocks; with frozen BN each block's bn3 (SE, ECA) or bn1 (CGD) joins the gate's node.
+    # SE and ECA take their kernels' node where the kernels are built (CGD has none).
+    folded = ('_KernelNormGateBackward' if block != 'cgd' and kernels.enabled()
+              else '_FoldedNormBackward')
     model = network([PLACED[block]], norm_eval=True).train()
     names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
-    assert names.count('_FoldedNormBackward') == 7
+    assert names.count(folded) == 7
     # stem + 3 per block + 2 downsamples, less the 7 folded
     assert names.count('NativeBatchNormBackward0') == 1 + 3 * 7 + 2 - 7
     # With batch statistics (norm_eval=False) nothing is folded.
     model = network([PLACED[block]], norm_eval=False).train()
     names = backward_nodes(model(torch.randn(2, 3, 25, 29, dtype=torch.float64))[-1])
-    assert '_FoldedNormBackward' not in names
+    assert not {'_KernelNormGateBackward', '_FoldedNormBackward'} & set(names)
 
 
 def test_frozen_bn3_is_folded_into_gsop():

@@ -283,14 +283,21 @@ def test_inference_kernels_equal_the_bn_and_the_block(name):
     torch.testing.assert_close(src, expected, rtol=1e-12, atol=1e-12)  # written over src
 
 
-def test_channel_gate_backward_sums_in_one_kernel_pass():
+def test_folded_channel_gate_backward_is_one_kernel_call():
+    # SE after a frozen BN, with autograd: one op sums over H x W, runs the gate's backward and
+    # writes src's gradient; no other op touches the feature map or the (N, C) statistics.
     from mmattn.blocks import SqueezeExcitation
     block = SqueezeExcitation(16)
     src = torch.randn(2, 16, 5, 7, requires_grad=True)
-    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    scale, shift = (torch.rand(16) + 0.5).requires_grad_(), torch.randn(16, requires_grad=True)
     out = block.fused_norm_residual(src, scale, shift, torch.randn(2, 16, 5, 7))
     upstream = torch.randn_like(out)  # a contiguous gradient, as a network's layers send
-    assert 'mmattn::channel_grad_sums' in op_names(lambda: (out * upstream).sum().backward())
+    names = op_names(lambda: out.backward(upstream))
+    assert {name for name in names if name.startswith('mmattn::')} == {
+        'mmattn::se_norm_residual_backward'}
+    allocations = {'aten::empty', 'aten::empty_like', 'aten::empty_strided', 'aten::zeros_like',
+                   'aten::zero_', 'aten::detach'}
+    assert {name for name in names if name.startswith('aten::')} <= allocations
 
 
 @pytest.mark.parametrize('mode, grad, folded', [
@@ -327,10 +334,12 @@ def test_training_with_a_frozen_bn_runs_the_gate_as_kernels(cfg, gate):
                        plugins=[dict(cfg=cfg, position=position)]).train()
     x = torch.randn(2, 3, 32, 32)
     names = op_names(lambda: (model(x)[0] * torch.randn(2, 64, 8, 8)).sum().backward())
-    # channel_affine_residual: the output (with bn3 and the residual add for SE and ECA) and
-    # x's gradient, one pass each.
-    expected = {f'mmattn::{gate}_gate', f'mmattn::{gate}_gate_backward',
-                'mmattn::channel_grad_sums', 'mmattn::channel_affine_residual'}
+    # SE and ECA (with bn3 and the residual add): the forward and the backward, one call
+    # each. CGD: channel_affine_residual for the output and for x's gradient, one pass each.
+    expected = {f'mmattn::{gate}_norm_residual', f'mmattn::{gate}_norm_residual_backward'}
+    if gate == 'cgd':
+        expected = {'mmattn::cgd_gate', 'mmattn::cgd_gate_backward', 'mmattn::channel_grad_sums',
+                    'mmattn::channel_affine_residual'}
     if cfg.get('mode', 'cascade') == 'cascade' and gate == 'cgd':
         expected.add('mmattn::channel_pools')
     assert {name for name in names if name.startswith('mmattn::')} == expected
@@ -389,3 +398,34 @@ def test_a_folded_bn_needs_both_factors():
     with pytest.raises(RuntimeError, match=r'contiguous \(C, \) CPU tensors'):
         torch.ops.mmattn.sge_forward(x, block.weight.detach(), block.bias.detach(), None,
                                      torch.empty_like(x), 4, 1e-5, torch.ones(8), torch.ones(8))
+
+
+@pytest.mark.parametrize('name', ['se', 'eca'])
+def test_training_kernels_equal_the_bn_then_the_block(name):
+    # With autograd, SE and ECA after a frozen BN are their two training ops: outputs and the
+    # gradients of src, the BN's scale and shift and the block's parameters, against the BN's
+    # affine map and the block's module ops. 33 x 35 positions (a partial vector); 64 channels:
+    # SE's hidden width of 4, ECA's kernel of 3.
+    from mmattn.blocks import EfficientChannelAttention, SqueezeExcitation
+    block = {'se': SqueezeExcitation, 'eca': EfficientChannelAttention}[name](64).double()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+    src = torch.randn(2, 64, 33, 35, dtype=torch.float64)
+    names = op_names(lambda: folded_and_unfolded(block, src))
+    assert {f'mmattn::{name}_norm_residual', f'mmattn::{name}_norm_residual_backward'} <= names
+    results = folded_and_unfolded(block, src)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def test_training_kernels_name_a_misfit_bn():
+    from mmattn.blocks import EfficientChannelAttention
+    x = torch.randn(2, 16, 3, 5)
+    weight = EfficientChannelAttention(16).conv.weight.detach()
+    with pytest.raises(RuntimeError, match=r'scale and shift are contiguous \(C, \) = \(16, \)'):
+        torch.ops.mmattn.eca_norm_residual(x, torch.ones(8), torch.zeros(8), x, weight)
+    out, means, gate = torch.ops.mmattn.eca_norm_residual(x, torch.ones(16), torch.zeros(16), x,
+                                                          weight)
+    with pytest.raises(RuntimeError, match=r'saved means and gate are \(N, C\) = \(2, 16\)'):
+        torch.ops.mmattn.eca_norm_residual_backward(out, x, means[:1].contiguous(), gate,
+                                                    torch.ones(16), torch.zeros(16), weight)
