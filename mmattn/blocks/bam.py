@@ -5,8 +5,10 @@ import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
+from torch.autograd.function import once_differentiable
 
-from ._common import check_batch_statistics, fp32_region, reduced_channels, stat_dtype
+from .. import kernels
+from ._common import check_batch_statistics, fp32_region, needs_grad, reduced_channels, stat_dtype
 
 
 @MODELS.register_module()
@@ -121,5 +123,36 @@ class BottleneckAttention(BaseModule):
         with fp32_region(x):
             channel = gate_c(x.mean(dim=(2, 3), dtype=stat_dtype(x)))
         spatial = self.spatial_att.gate_s(x)
-        gate = (channel.to(x.dtype)[:, :, None, None] * spatial.to(x.dtype)).sigmoid_()
-        return torch.addcmul(x, x, gate)
+        return gated(x, channel.to(x.dtype), spatial.to(x.dtype))
+
+
+def gated(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+    """``x * (1 + sigmoid(channel * spatial))`` for (N, C) ``channel`` and (N, 1, H, W)
+    ``spatial`` maps: one CPU kernel pass (and one in backward, which computes the gate again
+    instead of keeping it) where the kernels take the tensors, else PyTorch's ops."""
+    if kernels.usable(x, channel, spatial):
+        if needs_grad(x, channel, spatial):
+            return _Gated.apply(x, channel, spatial)
+        out = torch.empty_like(x)
+        torch.ops.mmattn.bam_apply(x, channel, spatial, out)
+        return out
+    return torch.addcmul(x, x, (channel[:, :, None, None] * spatial).sigmoid_())
+
+
+class _Gated(torch.autograd.Function):
+    """:func:`gated` with autograd on the kernels: keeps x and the two maps, not the gate."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, channel: torch.Tensor,
+                spatial: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        torch.ops.mmattn.bam_apply(x, channel, spatial, out)
+        ctx.save_for_backward(x, channel, spatial)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        grad_x, grad_channel, grad_spatial = torch.ops.mmattn.bam_apply_backward(
+            grad.contiguous(), *ctx.saved_tensors)
+        return grad_x, grad_channel, grad_spatial

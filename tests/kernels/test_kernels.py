@@ -429,3 +429,36 @@ def test_training_kernels_name_a_misfit_bn():
     with pytest.raises(RuntimeError, match=r'saved means and gate are \(N, C\) = \(2, 16\)'):
         torch.ops.mmattn.eca_norm_residual_backward(out, x, means[:1].contiguous(), gate,
                                                     torch.ones(16), torch.zeros(16), weight)
+
+
+def test_bam_gating_kernels_equal_the_eager_path(monkeypatch):
+    # 33 x 35 positions: three of bam.cpp's backward chunks of 512, the last one partial, and a
+    # partial vector at the end of each row. float64, random weights, train mode.
+    from mmattn.blocks import BottleneckAttention
+    block = BottleneckAttention(32).double()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.5)
+    x = torch.randn(2, 32, 33, 35, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    results = {}
+    for switch in ('1', '0'):
+        monkeypatch.setenv('MMATTN_KERNELS', switch)
+        block.zero_grad()
+        x_in = x.clone().requires_grad_()
+
+        def step(x_in=x_in):
+            out = block(x_in)
+            (out * upstream).sum().backward()
+            return out
+        names = op_names(step)
+        ran = {name for name in names if name.startswith('mmattn::')}
+        assert ran == ({'mmattn::bam_apply', 'mmattn::bam_apply_backward'} if switch == '1'
+                       else set())
+        results[switch] = [block(x_in).detach(), x_in.grad,
+                           *(p.grad for p in block.parameters())]
+    torch.testing.assert_close(results['1'], results['0'], rtol=1e-10, atol=1e-12)
+    monkeypatch.setenv('MMATTN_KERNELS', '1')
+    with torch.no_grad():
+        names = op_names(lambda: block.eval()(x))
+    assert 'mmattn::bam_apply' in names
