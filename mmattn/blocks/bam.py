@@ -45,6 +45,10 @@ class BottleneckAttention(BaseModule):
     batch statistics and running statistics in fp32). The output has the
     input's dtype.
 
+    The gating step is :func:`gated`: on the CPU one kernel pass forward and
+    one backward (:mod:`mmattn.kernels`), which computes the gate again
+    rather than keeping the (N, C, H, W) map for backward.
+
     Batch 1 in training mode: BatchNorm1d cannot normalise a single vector, so
     PyTorch rejects it (the authors' code fails there too). This block raises a
     ValueError that says so unless ``gate_c_bn_1`` is frozen or synchronised:
@@ -153,6 +157,6 @@ class _Gated(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        grad_x, grad_channel, grad_spatial = torch.ops.mmattn.bam_apply_backward(
-            grad.contiguous(), *ctx.saved_tensors)
-        return grad_x, grad_channel, grad_spatial
+        grads = torch.ops.mmattn.bam_apply_backward(grad.contiguous(), *ctx.saved_tensors)
+        return tuple(g if needed else None
+                     for g, needed in zip(grads, ctx.needs_input_grad, strict=True))

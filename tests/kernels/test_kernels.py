@@ -462,3 +462,17 @@ def test_bam_gating_kernels_equal_the_eager_path(monkeypatch):
     with torch.no_grad():
         names = op_names(lambda: block.eval()(x))
     assert 'mmattn::bam_apply' in names
+
+
+def test_bam_gating_kernel_trains_the_block_on_an_input_without_grad(monkeypatch):
+    # A frozen stem and stage before BAM: x needs no gradient, the block's parameters do.
+    from mmattn.blocks import BottleneckAttention
+    block = BottleneckAttention(32).double()
+    x = torch.randn(2, 32, 9, 11, dtype=torch.float64)
+    grads = {}
+    for switch in ('1', '0'):
+        monkeypatch.setenv('MMATTN_KERNELS', switch)
+        block.zero_grad()
+        (block(x) * x).sum().backward()
+        grads[switch] = [p.grad for p in block.parameters()]
+    torch.testing.assert_close(grads['1'], grads['0'], rtol=1e-10, atol=1e-12)
