@@ -137,10 +137,15 @@ def gated(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor) -> torc
     if kernels.usable(x, channel, spatial):
         if needs_grad(x, channel, spatial):
             return _Gated.apply(x, channel, spatial)
-        out = torch.empty_like(x)
-        torch.ops.mmattn.bam_apply(x, channel, spatial, out)
-        return out
+        return _gated_by_kernel(x, channel, spatial)
     return torch.addcmul(x, x, (channel[:, :, None, None] * spatial).sigmoid_())
+
+
+def _gated_by_kernel(x: torch.Tensor, channel: torch.Tensor,
+                     spatial: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    torch.ops.mmattn.bam_apply(x, channel, spatial, out)
+    return out
 
 
 class _Gated(torch.autograd.Function):
@@ -149,10 +154,8 @@ class _Gated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, channel: torch.Tensor,
                 spatial: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
-        torch.ops.mmattn.bam_apply(x, channel, spatial, out)
         ctx.save_for_backward(x, channel, spatial)
-        return out
+        return _gated_by_kernel(x, channel, spatial)
 
     @staticmethod
     @once_differentiable

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> cbam_spatial_pools(const at::Tensor& x,
   auto argmax = at::empty({batch, 1, x.size(2), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_pools", [&] {
     using T = scalar_t;
-    const Input<T> in(x, scale, shift);
+    const Input<T> in("cbam_spatial_pools", x, scale, shift);
     const T* gate_all = channel.const_data_ptr<T>();
     T* out = pooled.data_ptr<T>();
     T* where_all = argmax.data_ptr<T>();
@@ -94,7 +94,7 @@ void cbam_apply(const at::Tensor& x, const std::optional<at::Tensor>& scale,
   const int64_t channels = x.size(1), hw = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
     using T = scalar_t;
-    const Input<T> in(x, scale, shift);
+    const Input<T> in("cbam_apply", x, scale, shift);
     const T* gate = channel.const_data_ptr<T>();
     const T* spatial_all = spatial.const_data_ptr<T>();
     const T* ids = identity.has_value() ? identity->const_data_ptr<T>() : nullptr;
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> cbam_gate_grads(const at::Tensor& grad, const
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_gate_grads", [&] {
     using T = scalar_t;
     const T* gs = grad.const_data_ptr<T>();
-    const Input<T> in(x, scale, shift);
+    const Input<T> in("cbam_gate_grads", x, scale, shift);
     const T* gate_all = channel.const_data_ptr<T>();
     const T* spatial_all = spatial.const_data_ptr<T>();
     T* part = partial.data_ptr<T>();
@@ -174,7 +174,7 @@ at::Tensor cbam_pool_channel_grad(const at::Tensor& x, const std::optional<at::T
   auto partial = at::empty({batch, blocks, channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_pool_channel_grad", [&] {
     using T = scalar_t;
-    const Input<T> in(x, scale, shift);
+    const Input<T> in("cbam_pool_channel_grad", x, scale, shift);
     const T* gp_all = grad_pooled.const_data_ptr<T>();
     const T* where_all = argmax.const_data_ptr<T>();
     T* part = partial.data_ptr<T>();

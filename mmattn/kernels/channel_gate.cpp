@@ -7,8 +7,14 @@
 // Without autograd, se_inference and eca_inference are the whole block (the pool, the gate and
 // that pass) in one call, and cgd_inference is CGD followed by a frozen bn1 (its pools in one
 // pass, channel_pools, which CGD's autograd path and CBAM use too).
-// Backward: the gate's gradient needs, per (n, c), the sums over H x W of grad * x and of grad:
-// a product written out and two sums, in PyTorch.
+// With autograd, se_norm_residual and eca_norm_residual are the same call that also returns
+// what their backward needs (the spatial means of src and g), and their _backward ops are the
+// whole backward in one call: the gradients of src, of the BN's scale and shift and of the
+// gate's weights, from two passes over the map.
+// On the other autograd paths, the gate's gradient needs, per (n, c), the sums over H x W of
+// grad * x and of grad: channel_grad_sums reads them in one pass where PyTorch writes the
+// product out and sums twice, and se_gate_backward, eca_gate_backward and cgd_gate_backward
+// go on from there to the gate's input and weights.
 #include "gates.h"
 #include "pools.h"
 
@@ -90,19 +96,6 @@ void check_eca(const char* op, const at::Tensor& mean, const at::Tensor& weight)
               mean.sizes(), " and ", weight.sizes());
 }
 
-// A frozen BN's (C, ) scale and shift, for src (N, C, H, W) of their dtype.
-void check_affine(const char* op, const at::Tensor& src, const at::Tensor& scale,
-                  const at::Tensor& shift) {
-  for (const auto* factor : {&scale, &shift}) {
-    TORCH_CHECK(factor->dim() == 1 && factor->numel() == src.size(1) &&
-                    factor->is_contiguous() && factor->scalar_type() == src.scalar_type() &&
-                    factor->device().is_cpu(),
-                op, ": a frozen BN's scale and shift are contiguous (C, ) = (", src.size(1),
-                ", ) CPU tensors of src's dtype, got ", factor->sizes(), " ",
-                factor->scalar_type());
-  }
-}
-
 // identity + g * x for x = src * scale + shift, with g (N, C) = gate(the spatial means of x): a
 // pass for the means, the gate (gate(means, g) fills g), and channel_affine_residual's pass.
 // Returns the spatial means of src and g, each (N, C): what backward needs besides src.
@@ -111,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> folded_gate_residual(
     const char* op, const at::Tensor& src, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& identity, at::Tensor& out, const Gate& gate) {
   check_nchw(op, {src, identity, out});
-  check_affine(op, src, scale, shift);
+  check_folded_bn(op, src, scale, shift);
   const int64_t channels = src.size(1), rows = src.size(0) * channels;
   const int64_t hw = src.size(2) * src.size(3);
   auto src_means = at::empty({src.size(0), channels}, src.options());
@@ -156,7 +149,7 @@ std::vector<at::Tensor> folded_gate_residual_backward(
     const at::Tensor& g, const at::Tensor& scale, const at::Tensor& shift,
     const GateBackward& gate_backward) {
   check_nchw(op, {grad, src});
-  check_affine(op, src, scale, shift);
+  check_folded_bn(op, src, scale, shift);
   TORCH_CHECK(src_means.is_contiguous() && g.is_contiguous() &&
                   src_means.sizes() == g.sizes() && g.size(0) == src.size(0) &&
                   g.size(1) == src.size(1),
@@ -584,6 +577,8 @@ void cgd_inference(const at::Tensor& src, const at::Tensor& scale, const at::Ten
                    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& bias0,
                    const std::optional<at::Tensor>& bias1,
                    const std::optional<at::Tensor>& bias2) {
+  check_nchw("cgd_inference", {src, out});
+  check_folded_bn("cgd_inference", src, scale, shift);
   auto [means, maxima, unused] = channel_pools(src, std::nullopt, std::nullopt, false);
   auto a = cgd_gate(means, maxima, w0, w1, w2, bias0, bias1, bias2);  // g, then g * scale
   auto b = at::empty_like(a);
@@ -608,6 +603,7 @@ void cgd_inference(const at::Tensor& src, const at::Tensor& scale, const at::Ten
 at::Tensor channel_affine_relu(const at::Tensor& src, const at::Tensor& scale,
                                const at::Tensor& shift, int64_t stride) {
   check_nchw("channel_affine_relu", {src});
+  check_folded_bn("channel_affine_relu", src, scale, shift);
   TORCH_CHECK(stride >= 1, "channel_affine_relu: stride must be positive, got ", stride);
   const int64_t channels = src.size(1), height = src.size(2), width = src.size(3);
   const int64_t out_h = (height + stride - 1) / stride, out_w = (width + stride - 1) / stride;

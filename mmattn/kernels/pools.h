@@ -6,6 +6,24 @@
 
 namespace mmattn {
 
+// A frozen BN folded into op's read of x (N, C, H, W): both its scale and shift, each a
+// contiguous (C, ) CPU tensor of x's dtype, or neither.
+inline void check_folded_bn(const char* op, const at::Tensor& x,
+                            const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& shift) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), op,
+              ": a folded BN takes both scale and shift, or neither");
+  for (const auto* factor : {&scale, &shift}) {
+    if (!factor->has_value()) continue;
+    const at::Tensor& f = **factor;
+    TORCH_CHECK(f.dim() == 1 && f.numel() == x.size(1) && f.is_contiguous() &&
+                    f.scalar_type() == x.scalar_type() && f.device().is_cpu(),
+                op, ": a folded BN's scale and shift are contiguous (C, ) = (", x.size(1),
+                ", ) CPU ", x.scalar_type(), " tensors, got ", f.sizes(), " ", f.scalar_type(),
+                " on ", f.device());
+  }
+}
+
 // The block's input x, read from x itself or, with a frozen BN folded in, computed from the
 // BN's input as src * scale[c] + shift[c] (scale and shift are (C, )).
 template <typename T>
@@ -14,20 +32,12 @@ struct Input {
   const T* scale;  // nullptr: data is x
   const T* shift;
 
-  Input(const at::Tensor& x, const std::optional<at::Tensor>& scale_t,
-        const std::optional<at::Tensor>& shift_t)
-      : data(x.const_data_ptr<T>()),
-        scale(scale_t.has_value() ? scale_t->const_data_ptr<T>() : nullptr),
-        shift(shift_t.has_value() ? shift_t->const_data_ptr<T>() : nullptr) {
-    // As check_nchw: the Python side passes contiguous (C, ) factors of x's dtype, or neither.
-    TORCH_CHECK(scale_t.has_value() == shift_t.has_value(),
-                "a folded BN takes both scale and shift, or neither");
-    for (const auto* factor : {&scale_t, &shift_t}) {
-      TORCH_CHECK(!factor->has_value() ||
-                      ((*factor)->is_contiguous() && (*factor)->numel() == x.size(1) &&
-                       (*factor)->scalar_type() == x.scalar_type() && (*factor)->device().is_cpu()),
-                  "a folded BN's scale and shift are contiguous (C, ) CPU tensors of x's dtype");
-    }
+  Input(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale_t,
+        const std::optional<at::Tensor>& shift_t) {
+    check_folded_bn(op, x, scale_t, shift_t);  // before the factors' pointers are taken
+    data = x.const_data_ptr<T>();
+    scale = scale_t.has_value() ? scale_t->const_data_ptr<T>() : nullptr;
+    shift = shift_t.has_value() ? shift_t->const_data_ptr<T>() : nullptr;
   }
 
   // x at data[offset + p .. + n) of channel c.
@@ -49,7 +59,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pools(
                           x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_pools", [&] {
     using T = scalar_t;
-    const Input<T> in(x, scale, shift);
+    const Input<T> in("channel_pools", x, scale, shift);
     T* mean = means.data_ptr<T>();
     T* peak = maxima.data_ptr<T>();
     int64_t* index = with_argmax ? argmax.data_ptr<int64_t>() : nullptr;

@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sge_forward(
   auto stds = at::empty({batch, groups}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sge_forward", [&] {
     using T = scalar_t;
-    const Input<T> in(x, scale, shift);
+    const Input<T> in("sge_forward", x, scale, shift);
     const T* ids = identity.has_value() ? identity->const_data_ptr<T>() : nullptr;
     T* outs = out.data_ptr<T>();
     const T* w = weight.const_data_ptr<T>();

@@ -388,14 +388,17 @@ def test_sge_fused_norm_residual_with_autograd_equals_the_bn_then_the_block():
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
+MISFIT_BN = r'scale and shift are contiguous \(C, \) = \(16, \) CPU Float tensors, got \[8\]'
+
+
 def test_a_folded_bn_needs_both_factors():
     assert kernels.enabled()
     x = torch.randn(2, 16, 3, 5)
     block = sge_block()
-    with pytest.raises(RuntimeError, match='both scale and shift'):
+    with pytest.raises(RuntimeError, match='sge_forward: a folded BN takes both scale and shift'):
         torch.ops.mmattn.sge_forward(x, block.weight.detach(), block.bias.detach(), None,
                                      torch.empty_like(x), 4, 1e-5, torch.ones(16), None)
-    with pytest.raises(RuntimeError, match=r'contiguous \(C, \) CPU tensors'):
+    with pytest.raises(RuntimeError, match=MISFIT_BN):
         torch.ops.mmattn.sge_forward(x, block.weight.detach(), block.bias.detach(), None,
                                      torch.empty_like(x), 4, 1e-5, torch.ones(8), torch.ones(8))
 
@@ -418,11 +421,21 @@ def test_training_kernels_equal_the_bn_then_the_block(name):
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize('op', ['cgd_inference', 'channel_affine_relu'])
+def test_inference_kernels_name_a_misfit_bn(op):
+    # The check comes before any read of the factors or the gate's weights.
+    x = torch.randn(2, 16, 3, 5)
+    args = {'cgd_inference': (torch.empty_like(x), torch.ones(1), None, None, None, None, None),
+            'channel_affine_relu': (1, )}[op]
+    with pytest.raises(RuntimeError, match=f'{op}: a folded BN.s {MISFIT_BN}'):
+        getattr(torch.ops.mmattn, op)(x, torch.ones(8), torch.zeros(8), *args)
+
+
 def test_training_kernels_name_a_misfit_bn():
     from mmattn.blocks import EfficientChannelAttention
     x = torch.randn(2, 16, 3, 5)
     weight = EfficientChannelAttention(16).conv.weight.detach()
-    with pytest.raises(RuntimeError, match=r'scale and shift are contiguous \(C, \) = \(16, \)'):
+    with pytest.raises(RuntimeError, match=MISFIT_BN):
         torch.ops.mmattn.eca_norm_residual(x, torch.ones(8), torch.zeros(8), x, weight)
     out, means, gate = torch.ops.mmattn.eca_norm_residual(x, torch.ones(16), torch.zeros(16), x,
                                                           weight)
