@@ -217,6 +217,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_input_grad(
     const at::Tensor& spatial, const at::Tensor& grad_pooled, const at::Tensor& pool_argmax,
     const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& max_argmax) {
   check_nchw("cbam_input_grad", {grad, grad_pooled});
+  TORCH_CHECK(src.has_value() == scale.has_value(),
+              "cbam_input_grad: a folded BN takes both src and scale, or neither");
+  if (src.has_value()) {
+    check_nchw("cbam_input_grad", {grad, *src});
+    TORCH_CHECK(src->sizes() == grad.sizes(), "cbam_input_grad: src is grad's size ",
+                grad.sizes(), ", got ", src->sizes());
+    // shift does not enter x's gradient: scale stands for both factors' check
+    check_folded_bn("cbam_input_grad", grad, scale, scale);
+  }
   const int64_t batch = grad.size(0), channels = grad.size(1), hw = grad.size(2) * grad.size(3);
   const bool folded = scale.has_value();
   auto grad_x = at::empty_like(grad);

@@ -431,6 +431,20 @@ def test_inference_kernels_name_a_misfit_bn(op):
         getattr(torch.ops.mmattn, op)(x, torch.ones(8), torch.zeros(8), *args)
 
 
+def test_cbam_input_grad_names_a_misfit_bn():
+    x = torch.randn(2, 16, 3, 5)
+    pooled = torch.empty(2, 2, 3, 5)
+    rest = (torch.ones(2, 16), torch.ones(2, 1, 3, 5), pooled, pooled, torch.ones(2, 16),
+            torch.ones(2, 16), torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(RuntimeError, match='takes both src and scale, or neither'):
+        torch.ops.mmattn.cbam_input_grad(x, x, None, *rest)
+    misfit_src = r"src is grad's size \[2, 16, 3, 5\], got \[2, 16, 3, 4\]"
+    with pytest.raises(RuntimeError, match=misfit_src):
+        torch.ops.mmattn.cbam_input_grad(x, x[..., :4].contiguous(), torch.ones(16), *rest)
+    with pytest.raises(RuntimeError, match=f'cbam_input_grad: a folded BN.s {MISFIT_BN}'):
+        torch.ops.mmattn.cbam_input_grad(x, x, torch.ones(8), *rest)
+
+
 def test_training_kernels_name_a_misfit_bn():
     from mmattn.blocks import EfficientChannelAttention
     x = torch.randn(2, 16, 3, 5)
