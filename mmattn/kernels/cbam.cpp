@@ -223,8 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbam_input_grad(
     check_nchw("cbam_input_grad", {grad, *src});
     TORCH_CHECK(src->sizes() == grad.sizes(), "cbam_input_grad: src is grad's size ",
                 grad.sizes(), ", got ", src->sizes());
-    // shift does not enter x's gradient: scale stands for both factors' check
-    check_folded_bn("cbam_input_grad", grad, scale, scale);
+    check_folded_bn_factor("cbam_input_grad", grad, *scale);  // shift is not in x's gradient
   }
   const int64_t batch = grad.size(0), channels = grad.size(1), hw = grad.size(2) * grad.size(3);
   const bool folded = scale.has_value();

@@ -6,22 +6,25 @@
 
 namespace mmattn {
 
-// A frozen BN folded into op's read of x (N, C, H, W): both its scale and shift, each a
-// contiguous (C, ) CPU tensor of x's dtype, or neither.
+// One factor (scale or shift) of a frozen BN folded into op's read of x (N, C, H, W): a
+// contiguous (C, ) CPU tensor of x's dtype.
+inline void check_folded_bn_factor(const char* op, const at::Tensor& x, const at::Tensor& f) {
+  TORCH_CHECK(f.dim() == 1 && f.numel() == x.size(1) && f.is_contiguous() &&
+                  f.scalar_type() == x.scalar_type() && f.device().is_cpu(),
+              op, ": a folded BN's scale and shift are contiguous (C, ) = (", x.size(1),
+              ", ) CPU ", x.scalar_type(), " tensors, got ", f.sizes(), " ", f.scalar_type(),
+              " on ", f.device());
+}
+
+// A frozen BN folded into op's read of x: both its scale and shift, or neither.
 inline void check_folded_bn(const char* op, const at::Tensor& x,
                             const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& shift) {
   TORCH_CHECK(scale.has_value() == shift.has_value(), op,
               ": a folded BN takes both scale and shift, or neither");
-  for (const auto* factor : {&scale, &shift}) {
-    if (!factor->has_value()) continue;
-    const at::Tensor& f = **factor;
-    TORCH_CHECK(f.dim() == 1 && f.numel() == x.size(1) && f.is_contiguous() &&
-                    f.scalar_type() == x.scalar_type() && f.device().is_cpu(),
-                op, ": a folded BN's scale and shift are contiguous (C, ) = (", x.size(1),
-                ", ) CPU ", x.scalar_type(), " tensors, got ", f.sizes(), " ", f.scalar_type(),
-                " on ", f.device());
-  }
+  if (!scale.has_value()) return;
+  check_folded_bn_factor(op, x, *scale);
+  check_folded_bn_factor(op, x, *shift);
 }
 
 // The block's input x, read from x itself or, with a frozen BN folded in, computed from the
