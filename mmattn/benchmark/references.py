@@ -36,7 +36,11 @@ class ReferenceSE(nn.Module):
 
 
 class ReferenceSGE(nn.Module):
-    """PytorchInsight's SpatialGroupEnhance, op by op (papers.md §3.1)."""
+    """PytorchInsight's SpatialGroupEnhance, op by op (papers.md §3.1).
+
+    ``reshape`` where the authors write ``view``: the same for contiguous tensors, while their
+    ``view`` raises on a channels_last input, which ``reshape`` copies.
+    """
 
     _abbr_ = 'sge'
 
@@ -50,18 +54,18 @@ class ReferenceSGE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.size()
-        x = x.view(b * self.groups, -1, h, w)
+        x = x.reshape(b * self.groups, -1, h, w)
         xn = x * self.avg_pool(x)
         xn = xn.sum(dim=1, keepdim=True)
-        t = xn.view(b * self.groups, -1)
+        t = xn.reshape(b * self.groups, -1)
         t = t - t.mean(dim=1, keepdim=True)
         std = t.std(dim=1, keepdim=True) + 1e-5
         t = t / std
-        t = t.view(b, self.groups, h, w)
+        t = t.reshape(b, self.groups, h, w)
         t = t * self.weight + self.bias
-        t = t.view(b * self.groups, 1, h, w)
+        t = t.reshape(b * self.groups, 1, h, w)
         x = x * self.sig(t)
-        return x.view(b, c, h, w)
+        return x.reshape(b, c, h, w)
 
 
 class ReferenceCGD(nn.Module):

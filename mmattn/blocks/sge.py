@@ -247,13 +247,17 @@ class _GroupEnhance(torch.autograd.Function):
             # x * gate's own term, then the rank-2 update [centre, grad_centre] [grad_score; 1],
             # written into the product's memory, which is no longer needed.
             n, g, cg, m = xg.shape
-            left = torch.cat([centre, grad_centre], dim=3).view(n * g, cg, 2)
-            right = torch.cat([grad_score, torch.ones_like(grad_score)], dim=2).view(n * g, 2, m)
+            left = torch.cat([centre, grad_centre], dim=3)
+            right = torch.cat([grad_score, torch.ones_like(grad_score)], dim=2)
             if product.dtype == xf.dtype:
                 out = torch.mul(dg, gate, out=product)
-                out.view(n * g, cg, m).baddbmm_(left, right)
             else:
-                out = (dg.to(xf.dtype) * gate).view(n * g, cg, m).baddbmm_(left, right)
-            grad_x = out.view(grad.shape).to(grad.dtype)
+                out = dg.to(xf.dtype) * gate
+            if out.is_contiguous():
+                out.view(n * g, cg, m).baddbmm_(left.view(n * g, cg, 2), right.view(n * g, 2, m))
+            else:
+                # channels_last: samples and groups do not merge into one batch dimension.
+                out.add_(torch.matmul(left, right))
+            grad_x = out.reshape(grad.shape).to(grad.dtype)
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), grad_identity,
                 None, None, None, None)

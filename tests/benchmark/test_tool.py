@@ -1,12 +1,23 @@
 """tools/analysis/benchmark.py runs end to end on a tiny setting and reports what it measured."""
+import copy
 import json
 import pathlib
 import runpy
 import sys
 
 import pytest
+import torch
 
-from mmattn.benchmark import BLOCKS, check_targets, cost_share, markdown, merge, run
+from mmattn.benchmark import (
+    BLOCKS,
+    all_settings,
+    check_targets,
+    cost_share,
+    default_settings,
+    markdown,
+    merge,
+    run,
+)
 
 TOOL = pathlib.Path(__file__).resolve().parents[2] / 'tools' / 'analysis' / 'benchmark.py'
 # keep_memory=False: the test process keeps glibc's default malloc.
@@ -106,3 +117,54 @@ def test_cost_share_is_extra_time_over_the_references_extra_time(tiny_results):
                                         'GC/reference': 1.1})
     assert cost_share(free, 50, 'SE', 'inference') is None
     assert cost_share(results, 50, 'GC', 'inference') is None
+
+
+# The settings a CUDA run adds, which the CPU runs when they are named.
+GPU_SETTINGS = ['inference_amp', 'inference_channels_last', 'training_amp',
+                'training_channels_last']
+
+
+def test_cpu_times_the_issues_three_settings_by_default_and_cuda_all():
+    assert [s.name for s in default_settings(torch.device('cpu'))] == [
+        'inference', 'training', 'detection']
+    assert [s.name for s in default_settings(torch.device('cuda'))] == [
+        s.name for s in all_settings()] == ['inference', 'training', 'detection', *GPU_SETTINGS]
+
+
+@pytest.fixture(scope='module')
+def gpu_settings_on_cpu() -> dict:
+    # Every block and reference through the AMP (bf16 here) and channels_last settings: the
+    # code a CUDA run takes, but for the device.
+    return run(**dict(TINY, blocks=list(BLOCKS), settings=GPU_SETTINGS, memory=False),
+               log=lambda message: None)
+
+
+def test_amp_and_channels_last_settings_run_every_block_on_the_cpu(gpu_settings_on_cpu):
+    results = gpu_settings_on_cpu
+    assert results['config']['amp_dtype'] == 'bfloat16'
+    by_setting = results['results']['50']
+    assert set(by_setting) == set(GPU_SETTINGS)
+    for setting in GPU_SETTINGS:
+        ratios = by_setting[setting]['ratios']
+        assert len(ratios) == 2 * len(BLOCKS) - 1  # GC has only a reference row
+        assert all(ratio['median'] > 0 for ratio in ratios.values()), setting
+    table = markdown(results)
+    assert 'training AMP bfloat16 4x3x32x32 (1 rounds)' in table
+    assert 'training CL 4x3x32x32 (1 rounds)' in table
+
+
+def test_cuda_targets_are_training_at_most_1_10_for_the_light_blocks(gpu_settings_on_cpu):
+    light = {name for name, spec in BLOCKS.items() if spec.gpu_targets}
+    assert light == {'SE', 'ECA', 'SGE', 'CGD'}
+    training = {'training_amp': 1.2, 'training_channels_last': 1.05}
+    results = copy.deepcopy(gpu_settings_on_cpu)
+    results['targets'] = {name: BLOCKS[name].gpu_targets for name in light}
+    for setting, median in training.items():
+        for key in ('SE/mmattn', 'SGE/mmattn'):
+            results['results']['50'][setting]['ratios'][key]['median'] = median
+    checks = {(c['block'], c['target']): c['met'] for c in check_targets(results)
+              if c['block'] in ('SE', 'SGE')}
+    # 'training' was not run here, so it is not checked.
+    assert checks == {(block, setting): median <= 1.10 for block in ('SE', 'SGE')
+                      for setting, median in training.items()}
+    assert 'training AMP <= 1.10 MISSED, training CL <= 1.10 met' in markdown(results)

@@ -1,4 +1,5 @@
-"""Fusion of the blocks with the residual add (AttnBottleneck / AttnBasicBlock) changes nothing.
+"""Fusion of the blocks with the residual add (AttnBottleneck / AttnBasicBlock) changes nothing,
+in either memory format.
 
 The unfused reference is the same network with a no-op forward pre-hook on every plugin: a
 plugin with hooks is always called as a module, so its block runs ``out = plugin(out)`` and
@@ -182,6 +183,31 @@ def test_a_hooked_plugin_is_called_as_a_module():
     with torch.no_grad():
         model(torch.randn(1, 3, 25, 29))
     assert seen == [torch.Size([1, 64, 7, 8])]
+
+
+# Every block at its paper placement, BAM on the two stages' outputs too.
+IN_NETWORK = {**PLACED, 'bam': dict(cfg=dict(type='BottleneckAttention'), position='after_stage',
+                                    stages=(True, True))}
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['inference', 'training'])
+@pytest.mark.parametrize('norm_eval', [True, False], ids=['frozen_bn', 'train_bn'])
+@pytest.mark.parametrize('block', IN_NETWORK)
+def test_channels_last_network_matches_contiguous(block, norm_eval, grad):
+    # channels_last tensors take the eager path (the CPU kernels take contiguous ones), as they
+    # do on CUDA, where the benchmark times channels_last.
+    model = network([IN_NETWORK[block]], norm_eval=norm_eval).train(grad)
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 25, 29, dtype=torch.float64)
+    x_last = x.to(memory_format=torch.channels_last)
+    if not grad:
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x_last), model(x), rtol=1e-10, atol=1e-12)
+        return
+    outs, grads = forward_backward(twin, x_last)
+    expected_outs, expected_grads = forward_backward(model, x)
+    torch.testing.assert_close(outs, expected_outs, rtol=1e-10, atol=1e-12)
+    assert_grads_close(grads, expected_grads)
 
 
 @pytest.mark.parametrize('channels_last', [False, True], ids=['contiguous', 'channels_last'])

@@ -2,9 +2,10 @@
 
 Builds the plain backbone, every mmattn block and every block's reference implementation in one
 process, times them in interleaved rounds (inference batch 8 at 224x224, training forward +
-backward batch 4 at 224x224, detection size 1x3x800x1333; on CUDA also AMP and channels_last),
-measures the training step's memory, prints a markdown table with the median ratio to the plain
-backbone and its spread, and writes everything to a JSON file.
+backward batch 4 at 224x224, detection size 1x3x800x1333; by default on CUDA, and when named
+on the CPU, also AMP and channels_last), measures the training step's memory, prints a markdown
+table with the median ratio to the plain backbone and its spread, and writes everything to a
+JSON file.
 """
 import argparse
 import json
@@ -21,8 +22,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--blocks', nargs='+', choices=list(BLOCKS),
                         help='blocks to measure (default: all)')
     parser.add_argument('--settings', nargs='+',
-                        help='inference, training, detection (and on CUDA *_amp, '
-                        '*_channels_last); default: all')
+                        help='inference, training, detection, inference_amp, training_amp, '
+                        'inference_channels_last, training_channels_last (default: all on CUDA, '
+                        'the first three elsewhere; AMP is fp16 on CUDA, bf16 on the CPU)')
     parser.add_argument('--rounds', type=int, default=7, help='interleaved rounds (default 7)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed calls per model first')
     parser.add_argument('--repeat', type=int, default=3,
