@@ -165,6 +165,6 @@ def _target_cell(checks: dict, depth: int, name: str) -> str:
     for (at, block, target), check in checks.items():
         if (at, block) == (depth, name):
             verdict = 'met' if check['met'] else 'MISSED'
-            label = target if target == 'memory' else _SETTING_TITLES.get(target, target)
-            parts.append(f"{label} <= {check['limit']:.2f} {verdict}")
+            parts.append(f"{_SETTING_TITLES.get(target, target)} <= {check['limit']:.2f} "
+                         f'{verdict}')
     return ', '.join(parts)

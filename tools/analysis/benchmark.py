@@ -12,7 +12,7 @@ import json
 import sys
 
 import mmattn  # noqa: F401  (registers the blocks)
-from mmattn.benchmark import BLOCKS, markdown, merge, run
+from mmattn.benchmark import BLOCKS, all_settings, markdown, merge, run
 
 
 def parse_args() -> argparse.Namespace:
@@ -22,9 +22,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--blocks', nargs='+', choices=list(BLOCKS),
                         help='blocks to measure (default: all)')
     parser.add_argument('--settings', nargs='+',
-                        help='inference, training, detection, inference_amp, training_amp, '
-                        'inference_channels_last, training_channels_last (default: all on CUDA, '
-                        'the first three elsewhere; AMP is fp16 on CUDA, bf16 on the CPU)')
+                        help=f'{", ".join(s.name for s in all_settings())} (default: all on '
+                        'CUDA, the first three elsewhere; AMP is fp16 on CUDA, bf16 on the CPU)')
     parser.add_argument('--rounds', type=int, default=7, help='interleaved rounds (default 7)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed calls per model first')
     parser.add_argument('--repeat', type=int, default=3,
