@@ -8,7 +8,14 @@ from mmengine.registry import MODELS
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from ._common import check_batch_statistics, fp32_region, needs_grad, reduced_channels, stat_dtype
+from ._common import (
+    PointwiseConvSequential,
+    check_batch_statistics,
+    fp32_region,
+    needs_grad,
+    reduced_channels,
+    stat_dtype,
+)
 
 
 @MODELS.register_module()
@@ -48,6 +55,9 @@ class BottleneckAttention(BaseModule):
     The gating step is :func:`gated`: on the CPU one kernel pass forward and
     one backward (:mod:`mmattn.kernels`), which computes the gate again
     rather than keeping the (N, C, H, W) map for backward.
+    The spatial branch's two 1x1 convs run as matrix products on the CPU
+    (:func:`~mmattn.blocks._common.pointwise_conv`), faster than the
+    convolution call there.
 
     Batch 1 in training mode: BatchNorm1d cannot normalise a single vector, so
     PyTorch rejects it (the authors' code fails there too). This block raises a
@@ -100,7 +110,7 @@ class BottleneckAttention(BaseModule):
             spatial[f'gate_s_bn_di_{i}'] = nn.BatchNorm2d(hidden)
             spatial[f'gate_s_relu_di_{i}'] = nn.ReLU()
         spatial['gate_s_conv_final'] = nn.Conv2d(hidden, 1, 1)
-        self.spatial_att = nn.ModuleDict(dict(gate_s=nn.Sequential(spatial)))
+        self.spatial_att = nn.ModuleDict(dict(gate_s=PointwiseConvSequential(spatial)))
 
     def init_weights(self) -> None:
         super().init_weights()

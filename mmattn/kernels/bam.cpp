@@ -47,7 +47,7 @@ void bam_apply(const at::Tensor& x, const at::Tensor& channel, const at::Tensor&
         T* o = outs + row * hw;
         for_each_vec<T>(hw, [&](int64_t p, int64_t n) {
           const auto xv = load_n(v + p, n);
-          store_n(xv + xv * sigmoid(c * load_n(s + p, n)), o + p, n);
+          store_n(xv + xv * sigmoid_u20(c * load_n(s + p, n)), o + p, n);
         });
       }
     });
@@ -92,7 +92,7 @@ std::vector<at::Tensor> bam_apply_backward(const at::Tensor& grad, const at::Ten
           Vec<T> by_spatial(T(0));
           for_each_vec<T>(size, [&](int64_t p, int64_t width) {
             const auto sv = load_n(s + p, width);
-            const auto g = sigmoid(cv * sv);
+            const auto g = sigmoid_u20(cv * sv);
             const auto gv = load_n(gs + offset + p, width);
             store_n(gv + gv * g, dxs + offset + p, width);
             const auto dz = gv * load_n(xs + offset + p, width) * (one - g) * g;

@@ -491,6 +491,22 @@ def test_bam_gating_kernels_equal_the_eager_path(monkeypatch):
     assert 'mmattn::bam_apply' in names
 
 
+def test_bam_gating_kernel_keeps_float32_precision_with_its_faster_exp():
+    # The float32 kernel's exponential is ATen's exp_u20 (within 20 ULP); the gated output and
+    # its gradients must stay as close to the eager ops as float32 rounding allows.
+    from mmattn.blocks.bam import gated
+    x = (torch.randn(2, 32, 9, 11) * 3).requires_grad_()
+    channel = (torch.randn(2, 32) * 4).requires_grad_()
+    spatial = (torch.randn(2, 1, 9, 11) * 4).requires_grad_()
+    upstream = torch.randn_like(x)
+    results = []
+    for fn in (gated, lambda x, c, s: torch.addcmul(x, x, (c[:, :, None, None] * s).sigmoid())):
+        out = fn(x, channel, spatial)
+        results.append([out, *torch.autograd.grad(out, [x, channel, spatial], upstream)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5 * want.abs().max().item())
+
+
 def test_bam_gating_kernel_trains_the_block_on_an_input_without_grad(monkeypatch):
     # A frozen stem and stage before BAM: x needs no gradient, the block's parameters do.
     from mmattn.blocks import BottleneckAttention
