@@ -18,7 +18,6 @@ from ._common import (
     gated_residual,
     grad_sums,
     needs_grad,
-    pointwise_conv,
     stat_dtype,
 )
 
@@ -225,7 +224,7 @@ class GlobalSecondOrderPooling(BaseModule):
 
     def _channel_attention(self, rectified: torch.Tensor) -> torch.Tensor:
         """(N, C, H', W') rectified, subsampled input -> (N, C, 1, 1) fp32 gate."""
-        reduced = pointwise_conv(self.conv_for_DR, rectified)
+        reduced = self.conv_for_DR(rectified)
         with fp32_region(reduced):
             reduced = F.relu(self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced))))
             n, d, h, w = reduced.shape
@@ -237,7 +236,7 @@ class GlobalSecondOrderPooling(BaseModule):
 
     def _position_attention(self, rectified: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) rectified input -> (N, 1, H, W) fp32 gate."""
-        reduced = pointwise_conv(self.conv_for_DR_spatial, rectified)
+        reduced = self.conv_for_DR_spatial(rectified)
         with fp32_region(reduced):
             reduced = self._normalise('bn_for_DR_spatial', reduced.to(stat_dtype(reduced)))
             grid = F.adaptive_avg_pool2d(reduced, _GRID).flatten(2)
