@@ -26,7 +26,9 @@ void check_maps(const char* op, const at::Tensor& x, const at::Tensor& channel,
               "dtype for x ", x.sizes(), ", got ", channel.sizes(), " and ", spatial.sizes());
 }
 
-// out = x + x * sigmoid(channel * spatial), rounded as torch.addcmul(x, x, gate) rounds.
+// out = x + x * sigmoid(channel * spatial), the sum and product rounded as torch.addcmul(x, x,
+// gate) rounds; in float32 the exponential is exp_u20 (within 20 ULP of exp), which is where
+// the pass spends its time.
 void bam_apply(const at::Tensor& x, const at::Tensor& channel, const at::Tensor& spatial,
                at::Tensor& out) {
   check_nchw("bam_apply", {x, out});
