@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import kernels
 
@@ -66,15 +65,15 @@ def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     oneDNN's convolution first reorders an NCHW input into its blocked layout, a pass over the
     whole map; MKL's GEMM reads the map as it is. BAM's reduction to 16 channels at stage 1
     (8x256x56x56) takes 1.1 ms against 2.3 ms, and its backward gains as much. Any other module
-    or tensor is simply called, and so is the convolution while torch.compile traces or a Python
-    dispatch mode runs (the FLOP counter of ``mmattn.analysis.complexity`` counts it as a layer).
+    or tensor is simply called, and so is the convolution where
+    :func:`mmattn.kernels.plain_cpu_tensors` refuses the tensors (while torch.compile traces or a
+    Python dispatch mode runs, too: the FLOP counter of ``mmattn.analysis.complexity`` counts it
+    as a layer).
     """
     if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.padding == (0, 0) and conv.groups == 1 and x.dim() == 4
-            and x.device.type == 'cpu' and x.dtype in kernels.DTYPES
-            and conv.weight.dtype == x.dtype and x.is_contiguous()
-            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None):
+            and kernels.plain_cpu_tensors(x, conv.weight, conv.bias)
+            and not torch.is_autocast_enabled('cpu')):
         return conv(x)
     n, c, h, w = x.shape
     weight = conv.weight.view(conv.out_channels, c).expand(n, -1, -1)

@@ -46,8 +46,14 @@ def enabled() -> bool:
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels take these tensors: contiguous, on the CPU, all float32 or all
-    float64, and the kernels enabled. None entries are skipped.
+    """Whether the kernels take these tensors: :func:`plain_cpu_tensors`, and the kernels
+    enabled. None entries are skipped."""
+    return plain_cpu_tensors(*tensors) and enabled()
+
+
+def plain_cpu_tensors(*tensors: torch.Tensor | None) -> bool:
+    """Whether these tensors may take a CPU fast path: contiguous, on the CPU, all float32 or
+    all float64. None entries are skipped.
 
     Never while torch.compile traces or a Python dispatch mode is active (fake tensors, the
     FLOP counter of ``mmattn.analysis.complexity``): those see the eager ops, which spell out
@@ -59,8 +65,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
             and all(t.device.type == 'cpu' and t.dtype == dtype and t.is_contiguous()
                     for t in present)
             and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
-            and enabled())
+            and _get_current_dispatch_mode() is None)
 
 
 @functools.cache
