@@ -51,7 +51,7 @@ import torch.utils.checkpoint as cp
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..blocks._common import Restore
+from ..blocks._common import Restore, batch_norm_affine, frozen_affine, has_hooks
 
 
 def norm_restore(norm: nn.Module, norm_input: torch.Tensor) -> Restore | None:
@@ -75,42 +75,11 @@ def norm_restore(norm: nn.Module, norm_input: torch.Tensor) -> Restore | None:
     else:
         running_mean, running_var = norm.running_mean.clone(), norm.running_var.clone()
         with torch.no_grad():
-            affine = _affine(norm, running_mean, running_var)
+            affine = batch_norm_affine(norm, running_mean, running_var)
     fn = partial(F.batch_norm, running_mean=running_mean, running_var=running_var,
                  weight=norm.weight, bias=norm.bias, training=batch_stats, momentum=0.0,
                  eps=norm.eps)
     return Restore(norm_input, fn, affine)
-
-
-def frozen_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(scale, shift)``, each (C, ), with ``norm(x) == x * scale + shift`` per channel.
-
-    For a batch norm that uses its running statistics (eval mode, as mmdet's ``norm_eval=True``
-    keeps every BN of a detection backbone) and has no hooks; else None. The two carry autograd
-    to the norm's weight and bias, so a block that folds the norm in still trains them.
-    """
-    if (not isinstance(norm, _BatchNorm) or norm.training or norm.running_mean is None
-            or norm.running_var is None or _has_hooks(norm)):
-        return None
-    return _affine(norm, norm.running_mean, norm.running_var)
-
-
-def _affine(norm: _BatchNorm, mean: torch.Tensor,
-            var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch norm with statistics (mean, var) as ``x * scale + shift`` per channel."""
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return scale, shift
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
 
 
 class _PluginPositions:
@@ -144,7 +113,7 @@ class _PluginPositions:
         """``forward_plugin`` for an ``x`` the block gives up and does not modify afterwards."""
         for name in plugin_names:
             module = getattr(self, name)
-            if hasattr(module, 'forward_inplace') and not _has_hooks(module):
+            if hasattr(module, 'forward_inplace') and not has_hooks(module):
                 x = module.forward_inplace(x)
             else:
                 x = module(x)
@@ -153,7 +122,7 @@ class _PluginPositions:
     def fused_plugin(self, plugin_names: list[str]) -> nn.Module | None:
         """The plugin before the residual add that is fused with it, if any: the last one."""
         last = getattr(self, plugin_names[-1]) if plugin_names else None
-        if last is None or not hasattr(last, 'fused_residual') or _has_hooks(last):
+        if last is None or not hasattr(last, 'fused_residual') or has_hooks(last):
             return None
         return last
 
@@ -175,7 +144,7 @@ class _PluginPositions:
         if len(plugin_names) != 1:
             return None
         plugin = getattr(self, plugin_names[0])
-        return plugin if hasattr(plugin, method) and not _has_hooks(plugin) else None
+        return plugin if hasattr(plugin, method) and not has_hooks(plugin) else None
 
     def plugins_then_norm(self, out: torch.Tensor, plugin_names: list[str],
                           norm: nn.Module) -> torch.Tensor:

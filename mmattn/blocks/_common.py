@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import kernels
 
@@ -53,36 +54,82 @@ def check_batch_statistics(block: nn.Module, name: str, values: int, seen: str) 
             'per batch.')
 
 
+def frozen_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)``, each (C, ), with ``norm(x) == x * scale + shift`` per channel.
+
+    For a batch norm that uses its running statistics (eval mode, as mmdet's ``norm_eval=True``
+    keeps every BN of a detection backbone) and has no hooks; else None. The two carry autograd
+    to the norm's weight and bias, so a block that folds the norm in still trains them.
+    """
+    if (not isinstance(norm, _BatchNorm) or norm.training or norm.running_mean is None
+            or norm.running_var is None or has_hooks(norm)):
+        return None
+    return batch_norm_affine(norm, norm.running_mean, norm.running_var)
+
+
+def batch_norm_affine(norm: _BatchNorm, mean: torch.Tensor,
+                      var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch norm with statistics (mean, var) as ``x * scale + shift`` per channel."""
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks or pre-hooks (its own or global ones): a
+    fused path that skips the module's call would skip them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
 def pointwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, as a batched matrix product where ``conv`` is a 1x1 convolution (stride 1,
-    no padding, no groups) and x a contiguous float32 or float64 CPU tensor without autocast: the
-    (O, C) weight times each sample's (C, H x W) map, the bias added in the same call.
+    """``conv(x)``, as a batched matrix product (:func:`pointwise_matmul`) where
+    :func:`is_pointwise_gemm` accepts the two, else ``conv``'s own call.
 
     oneDNN's convolution first reorders an NCHW input into its blocked layout, a pass over the
     whole map; MKL's GEMM reads the map as it is. BAM's reduction to 16 channels at stage 1
-    (8x256x56x56) takes 1.1 ms against 2.3 ms, and its backward gains as much. Any other module
-    or tensor is simply called, and so is the convolution where
-    :func:`mmattn.kernels.plain_cpu_tensors` refuses the tensors (while torch.compile traces or a
-    Python dispatch mode runs, too: the FLOP counter of ``mmattn.analysis.complexity`` counts it
-    as a layer).
+    (8x256x56x56) takes 1.1 ms against 2.3 ms, and its backward gains as much.
     """
-    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+    if not is_pointwise_gemm(conv, x):
+        return conv(x)
+    return pointwise_matmul(x, conv.weight.flatten(1), conv.bias)
+
+
+def is_pointwise_gemm(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``conv`` is a 1x1 convolution (stride 1, no padding, no groups, no hooks) that
+    :func:`pointwise_conv` runs on ``x`` as a matrix product: a contiguous float32 or float64 CPU
+    tensor without autocast. Not where :func:`mmattn.kernels.plain_cpu_tensors` refuses the
+    tensors (while torch.compile traces or a Python dispatch mode runs, too: the FLOP counter of
+    ``mmattn.analysis.complexity`` counts the convolution as a layer).
+    """
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.padding == (0, 0) and conv.groups == 1 and x.dim() == 4
             and kernels.plain_cpu_tensors(x, conv.weight, conv.bias)
-            and not torch.is_autocast_enabled('cpu')):
-        return conv(x)
+            and not torch.is_autocast_enabled('cpu') and not has_hooks(conv))
+
+
+def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution of the (N, C, H, W) ``x`` with the (O, C) ``weight`` and (O, ) ``bias``
+    (or None), as the weight times each sample's (C, H x W) map, the bias added in the same call.
+    """
     n, c, h, w = x.shape
-    weight = conv.weight.view(conv.out_channels, c).expand(n, -1, -1)
+    weight = weight.expand(n, -1, -1)
     flat = x.view(n, c, h * w)
-    if conv.bias is None:
+    if bias is None:
         out = torch.bmm(weight, flat)
     else:
-        out = torch.baddbmm(conv.bias[None, :, None], weight, flat)
-    return out.view(n, conv.out_channels, h, w)
+        out = torch.baddbmm(bias[None, :, None], weight, flat)
+    return out.view(n, -1, h, w)
 
 
 class PointwiseConvSequential(nn.Sequential):

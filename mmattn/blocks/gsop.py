@@ -15,9 +15,13 @@ from ._common import (
     channel_affine,
     check_batch_statistics,
     fp32_region,
+    frozen_affine,
     gated_residual,
     grad_sums,
+    is_pointwise_gemm,
     needs_grad,
+    pointwise_conv,
+    pointwise_matmul,
     stat_dtype,
 )
 
@@ -85,7 +89,8 @@ class GlobalSecondOrderPooling(BaseModule):
     folded into the block (``fused_norm_residual``): two passes over bn3's
     input, the rectified, subsampled input and the gated residual add (CPU
     kernels where they take the tensors, :mod:`mmattn.kernels`), and in
-    training one autograd node that writes bn3's input gradient in one pass.
+    training one autograd node that writes bn3's input gradient in one pass. On the
+    CPU ``conv_for_DR`` runs as a matrix product, with a frozen ``bn_for_DR`` folded into it.
 
     Args:
         in_channels (int): Channels C of the input.
@@ -224,15 +229,36 @@ class GlobalSecondOrderPooling(BaseModule):
 
     def _channel_attention(self, rectified: torch.Tensor) -> torch.Tensor:
         """(N, C, H', W') rectified, subsampled input -> (N, C, 1, 1) fp32 gate."""
-        reduced = self.conv_for_DR(rectified)
+        reduced = self._reduced(rectified)
         with fp32_region(reduced):
-            reduced = F.relu(self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced))))
             n, d, h, w = reduced.shape
             flat = reduced.reshape(n, d, h * w)
-            centred = flat - flat.mean(dim=2, keepdim=True)
+            mean = flat.mean(dim=2, keepdim=True)
+            # The reduced map is this method's own: without autograd it is centred in place
+            # (with autograd the ReLU's backward needs it as it is).
+            centred = flat - mean if torch.is_grad_enabled() else flat.sub_(mean)
             cov = torch.bmm(centred, centred.transpose(1, 2)).div_(h * w)
             rows = _row_wise(self.row_conv_group, self.row_bn(cov.unsqueeze(3)).squeeze(3))
             return torch.sigmoid(_pointwise(self.fc_adapt_channels, rows))[:, :, None, None]
+
+    def _reduced(self, rectified: torch.Tensor) -> torch.Tensor:
+        """``relu(bn_for_DR(conv_for_DR(rectified)))``, a new tensor in the statistics dtype.
+
+        On the CPU the 1x1 conv is a matrix product (:func:`~._common.pointwise_conv`), and a
+        frozen ``bn_for_DR`` (running statistics, as ``norm_eval=True`` keeps it) is folded into
+        the product's weight and bias, the ReLU applied in place: one pass over the reduced map
+        where the layers make three (the same map to rounding; the BN's weight and bias still
+        train). Hooks on either layer keep both layers' calls.
+        """
+        conv = self.conv_for_DR
+        affine = frozen_affine(self.bn_for_DR) if is_pointwise_gemm(conv, rectified) else None
+        if affine is None:
+            reduced = pointwise_conv(conv, rectified)
+            with fp32_region(reduced):
+                return F.relu(self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced))))
+        scale, shift = (t.to(conv.weight.dtype) for t in affine)
+        bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
+        return pointwise_matmul(rectified, conv.weight.flatten(1) * scale[:, None], bias).relu_()
 
     def _position_attention(self, rectified: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) rectified input -> (N, 1, H, W) fp32 gate."""

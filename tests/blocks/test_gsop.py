@@ -130,6 +130,69 @@ def test_gradients_match_paper_math(mode):
                                    msg=lambda m, name=name: f'{name}: {m}')
 
 
+@pytest.mark.parametrize('mode', ['channel', 'sum'])
+def test_eval_forward_without_autograd_matches_paper_math(mode):
+    # Without autograd the reduced map is centred in place.
+    block = randomised(mode).eval()
+    x = torch.randn(2, 32, 9, 11)
+    expected = reference_gsop(x, block.state_dict(), mode, 2, training=False)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x, x.clone())  # the input is left as it was
+
+
+def ops_run(fn) -> list[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return [event.name for event in prof.events()]
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_frozen_bn_for_dr_is_folded_into_a_matrix_product_on_the_cpu(grad):
+    block = randomised().eval()
+    x = torch.randn(2, 32, 9, 11)
+    with torch.set_grad_enabled(grad):
+        ops = ops_run(lambda: block(x))
+    assert 'aten::convolution' not in ops and 'aten::baddbmm' in ops
+    # row_bn's call is the one batch norm left.
+    assert sum(name == 'aten::batch_norm' for name in ops) == 1, ops
+
+
+@pytest.mark.parametrize('layer', ['conv_for_DR', 'bn_for_DR'])
+def test_hooks_on_the_reduction_keep_its_layers(layer):
+    block = randomised().eval()
+    x = torch.randn(2, 32, 9, 11)
+    folded = block(x)
+    seen = []
+    getattr(block, layer).register_forward_hook(lambda *_: seen.append(layer))
+    ops = ops_run(lambda: block(x))
+    # Both layers run as layers (a hooked conv is called; a hooked BN is not folded).
+    assert seen == [layer] and sum(name == 'aten::batch_norm' for name in ops) == 2
+    assert ('aten::convolution' in ops) == (layer == 'conv_for_DR')
+    torch.testing.assert_close(block(x), folded, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_bn_gradients_match_paper_math_in_float64():
+    # norm_eval=True training: the BNs use running statistics, their weights still train,
+    # and bn_for_DR reaches them through the folded product.
+    block = randomised().double().eval()
+    params = {n: p.detach().clone().requires_grad_() for n, p in block.named_parameters()}
+    buffers = dict(block.named_buffers())
+    x = torch.randn(2, 32, 9, 11, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    upstream = torch.randn(2, 32, 9, 11, dtype=torch.float64)
+    (block(x) * upstream).sum().backward()
+    (reference_gsop(x_ref, {**params, **buffers}, 'channel', 2, training=False)
+     * upstream).sum().backward()
+    # Tolerances of the reference's float32 centring matrix, scaled by each gradient's size.
+    expected = {'input': x_ref.grad, **{n: p.grad for n, p in params.items()}}
+    actual = {'input': x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    for name, grad in expected.items():
+        scale = max(grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(actual[name], grad, rtol=1e-6, atol=1e-7 * scale,
+                                   msg=lambda m, name=name: f'{name}: {m}')
+
+
 def test_parameter_names_and_shapes_are_the_authors():
     shapes = {n: tuple(p.shape) for n, p in GlobalSecondOrderPooling(256).named_parameters()}
     assert shapes == {

@@ -43,7 +43,7 @@ def test_contiguous_cpu_input_takes_the_matrix_product(bias):
 
 
 @pytest.mark.parametrize('case', ['kernel_3', 'stride_2', 'padding', 'groups', 'channels_last',
-                                  'autocast', 'linear'])
+                                  'autocast', 'linear', 'hooked'])
 def test_other_convs_and_inputs_call_the_module(case):
     x = torch.randn(2, 6, 9, 11)
     conv = {'kernel_3': nn.Conv2d(6, 4, 3), 'stride_2': nn.Conv2d(6, 4, 1, stride=2),
@@ -51,6 +51,9 @@ def test_other_convs_and_inputs_call_the_module(case):
             'linear': nn.Linear(11, 3)}.get(case, nn.Conv2d(6, 4, 1))
     if case == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    if case == 'hooked':
+        conv.register_forward_hook(lambda *_: calls.append(case))
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=case == 'autocast'):
         expected = conv(x)
         ran = ops_run(pointwise_conv, conv, x)
@@ -58,6 +61,7 @@ def test_other_convs_and_inputs_call_the_module(case):
     assert 'aten::bmm' not in ran and 'aten::baddbmm' not in ran
     assert ('aten::linear' if case == 'linear' else 'aten::convolution') in ran
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert calls == ([case] * 3 if case == 'hooked' else [])
 
 
 def test_sequential_keeps_its_modules_and_state_dict_keys():
