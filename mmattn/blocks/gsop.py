@@ -229,36 +229,32 @@ class GlobalSecondOrderPooling(BaseModule):
 
     def _channel_attention(self, rectified: torch.Tensor) -> torch.Tensor:
         """(N, C, H', W') rectified, subsampled input -> (N, C, 1, 1) fp32 gate."""
-        reduced = self._reduced(rectified)
+        reduced = self._reduction(rectified)
         with fp32_region(reduced):
             n, d, h, w = reduced.shape
-            flat = reduced.reshape(n, d, h * w)
-            mean = flat.mean(dim=2, keepdim=True)
-            # The reduced map is this method's own: without autograd it is centred in place
-            # (with autograd the ReLU's backward needs it as it is).
-            centred = flat - mean if torch.is_grad_enabled() else flat.sub_(mean)
-            cov = torch.bmm(centred, centred.transpose(1, 2)).div_(h * w)
+            cov = _rectified_covariance(reduced.reshape(n, d, h * w))
             rows = _row_wise(self.row_conv_group, self.row_bn(cov.unsqueeze(3)).squeeze(3))
             return torch.sigmoid(_pointwise(self.fc_adapt_channels, rows))[:, :, None, None]
 
-    def _reduced(self, rectified: torch.Tensor) -> torch.Tensor:
-        """``relu(bn_for_DR(conv_for_DR(rectified)))``, a new tensor in the statistics dtype.
+    def _reduction(self, rectified: torch.Tensor) -> torch.Tensor:
+        """``bn_for_DR(conv_for_DR(rectified))``, a new tensor in the statistics dtype (the
+        ReLU after it is :func:`_rectified_covariance`'s).
 
         On the CPU the 1x1 conv is a matrix product (:func:`~._common.pointwise_conv`), and a
         frozen ``bn_for_DR`` (running statistics, as ``norm_eval=True`` keeps it) is folded into
-        the product's weight and bias, the ReLU applied in place: one pass over the reduced map
-        where the layers make three (the same map to rounding; the BN's weight and bias still
-        train). Hooks on either layer keep both layers' calls.
+        the product's weight and bias: no pass of the BN over the reduced map (the same map to
+        rounding; the BN's weight and bias still train). Hooks on either layer keep both
+        layers' calls.
         """
         conv = self.conv_for_DR
         affine = frozen_affine(self.bn_for_DR) if is_pointwise_gemm(conv, rectified) else None
         if affine is None:
             reduced = pointwise_conv(conv, rectified)
             with fp32_region(reduced):
-                return F.relu(self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced))))
+                return self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced)))
         scale, shift = (t.to(conv.weight.dtype) for t in affine)
         bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
-        return pointwise_matmul(rectified, conv.weight.flatten(1) * scale[:, None], bias).relu_()
+        return pointwise_matmul(rectified, conv.weight.flatten(1) * scale[:, None], bias)
 
     def _position_attention(self, rectified: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) rectified input -> (N, 1, H, W) fp32 gate."""
@@ -282,6 +278,48 @@ class GlobalSecondOrderPooling(BaseModule):
         check_batch_statistics(self, name, n * h * w,
                                f'batch {n}, {h}x{w} map after the reduction')
         return getattr(self, name)(x)
+
+
+def _rectified_covariance(reduced: torch.Tensor) -> torch.Tensor:
+    """(N, d, M) -> (N, d, d): the covariance over the M positions of X = relu(reduced),
+    X Ibar X^T, as X centred over the positions times its transpose, over M.
+
+    ``reduced`` is the caller's own: without autograd it is rectified and centred in place; with
+    autograd :class:`_RectifiedCovariance` keeps one map for backward where the ReLU, the
+    centring and the product would keep two.
+    """
+    if needs_grad(reduced):
+        return _RectifiedCovariance.apply(reduced)
+    centred = reduced.relu_()
+    centred.sub_(centred.mean(dim=2, keepdim=True))
+    return torch.bmm(centred, centred.transpose(1, 2)).div_(centred.shape[2])
+
+
+class _RectifiedCovariance(torch.autograd.Function):
+    """cov = Xc Xc^T / M for Xc = relu(reduced) centred over the M positions, as one node.
+
+    Backward is one product, grad_Xc = (grad + grad^T) Xc / M, where autograd runs one per
+    factor; the centring's backward then subtracts its mean over the positions. That mean is
+    (grad + grad^T) times Xc's row sums over M, zero but for rounding, and subtracting it keeps
+    the sums of the gradient (a bias's, a BN's) as accurate as autograd's. The ReLU's mask is
+    kept as booleans.
+    """
+
+    @staticmethod
+    def forward(ctx, reduced: torch.Tensor) -> torch.Tensor:
+        positive = reduced > 0
+        centred = torch.relu(reduced)
+        centred.sub_(centred.mean(dim=2, keepdim=True))
+        ctx.save_for_backward(centred, positive)
+        return torch.bmm(centred, centred.transpose(1, 2)).div_(centred.shape[2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        centred, positive = ctx.saved_tensors
+        grad_centred = torch.bmm(grad + grad.transpose(1, 2), centred).div_(centred.shape[2])
+        grad_centred.sub_(grad_centred.mean(dim=2, keepdim=True))
+        return grad_centred.mul_(positive)
 
 
 def _affine_rectified(src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
