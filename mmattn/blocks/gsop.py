@@ -18,6 +18,7 @@ from ._common import (
     frozen_affine,
     gated_residual,
     grad_sums,
+    has_hooks,
     is_pointwise_gemm,
     needs_grad,
     pointwise_conv,
@@ -251,7 +252,9 @@ class GlobalSecondOrderPooling(BaseModule):
         if affine is None:
             reduced = pointwise_conv(conv, rectified)
             with fp32_region(reduced):
-                return self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced)))
+                normed = self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced)))
+            # A hook may keep the BN's output, which the covariance overwrites without autograd.
+            return normed.clone() if has_hooks(self.bn_for_DR) else normed
         scale, shift = (t.to(conv.weight.dtype) for t in affine)
         bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
         return pointwise_matmul(rectified, conv.weight.flatten(1) * scale[:, None], bias)

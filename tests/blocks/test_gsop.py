@@ -163,13 +163,21 @@ def test_hooks_on_the_reduction_keep_its_layers(layer):
     block = randomised().eval()
     x = torch.randn(2, 32, 9, 11)
     folded = block(x)
+    with torch.no_grad():
+        expected = block.conv_for_DR(F.relu(x[:, :, ::2, ::2]))
+        if layer == 'bn_for_DR':
+            expected = block.bn_for_DR(expected)
     seen = []
-    getattr(block, layer).register_forward_hook(lambda *_: seen.append(layer))
-    ops = ops_run(lambda: block(x))
-    # Both layers run as layers (a hooked conv is called; a hooked BN is not folded).
-    assert seen == [layer] and sum(name == 'aten::batch_norm' for name in ops) == 2
+    getattr(block, layer).register_forward_hook(lambda *args: seen.append(args[2]))
+    with torch.no_grad():
+        ops = ops_run(lambda: block(x))
+        out = block(x)
+    # Both layers run as layers (a hooked conv is called; a hooked BN is not folded), and what
+    # the hook kept is the layer's output, not overwritten by the covariance's in-place steps.
+    assert len(seen) == 2 and sum(name == 'aten::batch_norm' for name in ops) == 2
     assert ('aten::convolution' in ops) == (layer == 'conv_for_DR')
-    torch.testing.assert_close(block(x), folded, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen[1], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, folded, rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_bn_gradients_match_paper_math_in_float64():
