@@ -21,7 +21,6 @@ from ._common import (
     has_hooks,
     is_pointwise_gemm,
     needs_grad,
-    pointwise_conv,
     pointwise_matmul,
     stat_dtype,
 )
@@ -248,9 +247,11 @@ class GlobalSecondOrderPooling(BaseModule):
         layers' calls.
         """
         conv = self.conv_for_DR
-        affine = frozen_affine(self.bn_for_DR) if is_pointwise_gemm(conv, rectified) else None
+        gemm = is_pointwise_gemm(conv, rectified)
+        affine = frozen_affine(self.bn_for_DR) if gemm else None
         if affine is None:
-            reduced = pointwise_conv(conv, rectified)
+            reduced = (pointwise_matmul(rectified, conv.weight.flatten(1), conv.bias) if gemm
+                       else conv(rectified))
             with fp32_region(reduced):
                 normed = self._normalise('bn_for_DR', reduced.to(stat_dtype(reduced)))
             # A hook may keep the BN's output, which the covariance overwrites without autograd.
@@ -293,9 +294,13 @@ def _rectified_covariance(reduced: torch.Tensor) -> torch.Tensor:
     """
     if needs_grad(reduced):
         return _RectifiedCovariance.apply(reduced)
-    centred = reduced.relu_()
-    centred.sub_(centred.mean(dim=2, keepdim=True))
-    return torch.bmm(centred, centred.transpose(1, 2)).div_(centred.shape[2])
+    return _centred_covariance_(reduced.relu_())
+
+
+def _centred_covariance_(x: torch.Tensor) -> torch.Tensor:
+    """Centres the (N, d, M) ``x`` over its M positions in place and returns x x^T / M."""
+    x.sub_(x.mean(dim=2, keepdim=True))
+    return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[2])
 
 
 class _RectifiedCovariance(torch.autograd.Function):
@@ -312,9 +317,9 @@ class _RectifiedCovariance(torch.autograd.Function):
     def forward(ctx, reduced: torch.Tensor) -> torch.Tensor:
         positive = reduced > 0
         centred = torch.relu(reduced)
-        centred.sub_(centred.mean(dim=2, keepdim=True))
+        cov = _centred_covariance_(centred)
         ctx.save_for_backward(centred, positive)
-        return torch.bmm(centred, centred.transpose(1, 2)).div_(centred.shape[2])
+        return cov
 
     @staticmethod
     @once_differentiable
